@@ -1,0 +1,77 @@
+"""The on-disk layout of a converted dataset (the contract between `iccl convert` and every reader).
+
+    OUT/
+      meta.json                 written last: its presence means the conversion is complete
+      <split>/shard-000000.tar  WebDataset shards, members KEY.jpg|KEY.png and KEY.cls
+      <split>/index.npy         one INDEX_DTYPE row per sample, in sample order
+      <split>.beton             optional FFCV file of the same samples in the same order
+
+Sample i of a split is the i-th row of its index; KEY is the sample number as 9 digits, so the
+`webdataset` library and DALI's reader see the same samples in the same order.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import DataError
+
+FORMAT_NAME = "iccl-shards"
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+INDEX_FILE = "index.npy"
+
+# offset/size locate the image bytes (not the tar header) inside the shard, so a sample is one slice
+# of a memory-mapped file; ext says how to decode them.
+INDEX_DTYPE = np.dtype(
+    [("shard", "<i4"), ("offset", "<i8"), ("size", "<i8"), ("label", "<i4"), ("ext", "u1")]
+)
+EXTS = ("jpg", "png")  # index value -> member suffix
+EXT_CODE = {e: i for i, e in enumerate(EXTS)}
+
+# Many / medium / few by the training count of the class (the literature's convention).
+MANY_ABOVE = 100
+FEW_BELOW = 20
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}.tar"
+
+
+def sample_key(i: int) -> str:
+    return f"{i:09d}"
+
+
+def shot_groups(train_counts) -> dict[str, list[int]]:
+    """Class ids per group: many (> 100 training images), medium (20-100), few (< 20)."""
+    counts = np.asarray(train_counts)
+    return {
+        "many": np.flatnonzero(counts > MANY_ABOVE).tolist(),
+        "medium": np.flatnonzero((counts >= FEW_BELOW) & (counts <= MANY_ABOVE)).tolist(),
+        "few": np.flatnonzero(counts < FEW_BELOW).tolist(),
+    }
+
+
+def read_meta(root: str | Path) -> dict:
+    """meta.json of a converted dataset, with a clear error when `root` is not one."""
+    root = Path(root)
+    path = root / META_FILE
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder. Pass the output folder of `iccl convert`.")
+    if not path.is_file():
+        raise DataError(
+            f"{path} is missing: {root} is not a converted dataset, or its conversion did not finish. "
+            f"Run `iccl convert ... --out {root}` (a rerun resumes)."
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({e}). Re-run the conversion into a fresh folder.") from e
+    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+        raise DataError(
+            f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, expected "
+            f"{FORMAT_NAME!r} version {FORMAT_VERSION}. Re-convert the dataset with this version."
+        )
+    return meta

@@ -1,0 +1,64 @@
+"""Progress reporting: a rich bar on a terminal, a plain line every few seconds otherwise (logs, CI).
+
+Library code calls `task = progress(...)` and `task.advance(n)`; it never prints directly, so that
+commands stay quiet under `--quiet` and logs stay readable when output is not a terminal.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+console = Console(stderr=True)
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def say(message: str) -> None:
+    """A status line for the user (stderr, so stdout stays clean for --json output)."""
+    if not _quiet:
+        console.print(message, highlight=False)
+
+
+class _Task:
+    def __init__(self, total: int, desc: str, unit: str, bar: Progress | None, every_s: float):
+        self.total, self.desc, self.unit, self.done = total, desc, unit, 0
+        self.extra = ""
+        self._bar, self._every_s = bar, every_s
+        self._t0 = self._last = time.monotonic()
+        self._id = bar.add_task(desc, total=total, extra="") if bar else None
+
+    def advance(self, n: int = 1, extra: str | None = None) -> None:
+        self.done += n
+        if extra is not None:
+            self.extra = extra
+        if self._bar is not None:
+            self._bar.update(self._id, advance=n, extra=self.extra)
+            return
+        now = time.monotonic()
+        if not _quiet and (now - self._last >= self._every_s or self.done >= self.total):
+            self._last = now
+            rate = self.done / max(now - self._t0, 1e-9)
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({rate:,.0f} {self.unit}/s)"
+                  f"{' ' + self.extra if self.extra else ''}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def progress(total: int, desc: str, unit: str = "items", every_s: float = 10.0) -> Iterator[_Task]:
+    if _quiet or not console.is_terminal:
+        yield _Task(total, desc, unit, None, every_s)
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[extra]}"))
+    with Progress(*columns, console=console, transient=False) as bar:
+        yield _Task(total, desc, unit, bar, every_s)

@@ -1,0 +1,20 @@
+"""Shared fixtures: where the real data is (if present) and small generated datasets."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests run against the working tree, installed or not
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only real data beside the checkout; tests needing it skip on a fresh clone."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not present at {SHARED_DATA} (only beside the development checkout)")
+    return SHARED_DATA

@@ -1,0 +1,50 @@
+"""Small converted datasets written directly in the on-disk format, for tests of the readers,
+samplers and loaders (independent of the conversion engine, which has tests of its own)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.atomic import write_json
+from pipeline.codecs import encode_jpeg, encode_png
+from pipeline.format import FORMAT_NAME, FORMAT_VERSION, INDEX_FILE, META_FILE, shard_name, shot_groups
+from pipeline.shards import write_shard
+
+
+def make_converted(out: Path, splits: dict[str, tuple[list[np.ndarray], np.ndarray]],
+                   num_classes: int, ext: str = "png", shard_size: int = 64,
+                   quality: int = 95) -> Path:
+    """Write `splits` ({name: (list of HWC uint8 images, labels)}) as a converted dataset at `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    encode = encode_png if ext == "png" else (lambda im: encode_jpeg(im, quality))
+    meta_splits = {}
+    for name, (images, labels) in splits.items():
+        labels = np.asarray(labels, dtype=np.int64)
+        d = out / name
+        d.mkdir(exist_ok=True)
+        rows = []
+        for k, start in enumerate(range(0, len(images), shard_size)):
+            stop = min(start + shard_size, len(images))
+            rows.append(write_shard(d / shard_name(k), k, start,
+                                    [(encode(images[i]), ext, int(labels[i])) for i in range(start, stop)]))
+        np.save(d / INDEX_FILE, np.concatenate(rows))
+        meta_splits[name] = {
+            "num_samples": len(images), "num_shards": len(rows),
+            "class_counts": np.bincount(labels, minlength=num_classes).tolist(),
+            "bytes": sum(p.stat().st_size for p in d.glob("shard-*.tar")),
+            "formats": ["webdataset"], "skipped": 0, "converted_to_rgb": 0, "reencoded": 0,
+        }
+    write_json(out / META_FILE, {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "name": "test",
+        "classes": [f"class_{k}" for k in range(num_classes)],
+        "splits": meta_splits,
+        "shot_groups": shot_groups(meta_splits["train"]["class_counts"]) if "train" in meta_splits else None,
+        "source": {"kind": "tests"}, "options": {},
+    })
+    return out
+
+
+def random_images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]

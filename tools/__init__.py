@@ -1,0 +1,1 @@
+"""The user's commands, one CLI: `iccl` (see `iccl --help`)."""
