@@ -1,0 +1,1 @@
+"""Training side: config + presets, the two stages, evaluation, checkpoints, distributed set-up."""

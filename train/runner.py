@@ -1,0 +1,197 @@
+"""A training run from start to report, resumable at any checkpoint.
+
+Run directory:
+    config.json     the resolved config (a resumed run must not change what it trains)
+    checkpoint.pt   the latest state (stage, epoch, step, weights, centroids, optimiser)
+    stage1.pt       the stage-1 model (the distillation teacher, and `iccl eval --stage 1`)
+    final.pt        the model after classifier rebalancing
+    metrics.jsonl   training metrics and evaluations, one JSON object per line
+    report.json     the evaluations at the end of each stage
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from model.centroids import CentroidBank
+from model.network import ICCLNet, build_network
+from pipeline.atomic import write_json
+from pipeline.errors import DataError
+from train import checkpoint
+from train.config import Config, load_config_json
+from train.context import Context, build_context
+from train.distributed import barrier
+from train.evaluate import evaluate
+from train.loop import run_epochs
+from train.stage1 import Stage1
+from train.stage2 import Stage2
+
+# Settings that may differ when a run is resumed: they change how fast it runs, not what it learns.
+RESUMABLE_CHANGES = {"data", "loader", "workers", "device", "compile", "eval_every", "eval_batch_size",
+                     "checkpoint_minutes", "log_every"}
+
+
+def check_resume_config(run_dir: Path, cfg: Config) -> None:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    old = load_config_json(path)
+    diff = {k: (v, getattr(cfg, k)) for k, v in old.to_dict().items()
+            if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in sorted(diff.items()))
+        raise DataError(f"{run_dir} holds a run with other settings ({shown}). Resume it with the same "
+                        f"options (e.g. `iccl train --out {run_dir}` alone), or choose another --out.")
+
+
+def new_network(cfg: Config, num_classes: int) -> ICCLNet:
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    return build_network(cfg.arch, num_classes, cfg.proj_dim, cfg.proj_hidden)
+
+
+def prepare(net: ICCLNet, ctx: Context) -> ICCLNet:
+    net = net.to(ctx.device)
+    if ctx.cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def predictor(ctx: Context, net: ICCLNet):
+    def predict(x_u8):
+        with ctx.autocast():
+            return net.classifier(net.encoder(ctx.normalize(x_u8))).float()
+    return predict
+
+
+def run_eval(ctx: Context, net: ICCLNet) -> dict:
+    was_training = net.training
+    net.eval()
+    result = evaluate(predictor(ctx, net), ctx.eval_batches(), ctx.num_classes, ctx.groups, ctx.device)
+    net.train(was_training)
+    return result
+
+
+def _check_data(ctx: Context, state: dict) -> None:
+    if state.get("num_classes") != ctx.num_classes:
+        raise DataError(f"{ctx.cfg.data} has {ctx.num_classes} classes but the run in {ctx.run_dir} was "
+                        f"trained with {state.get('num_classes')}. Pass the dataset the run was made with.")
+
+
+def train(cfg: Config, run_dir: Path) -> dict:
+    """Train (or resume) both stages; returns the report."""
+    run_dir = Path(run_dir)
+    check_resume_config(run_dir, cfg)
+    ctx = build_context(cfg, run_dir)
+    try:
+        return _train(ctx)
+    finally:
+        ctx.close()
+
+
+def _train(ctx: Context) -> dict:
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    if ctx.dist.is_main:
+        write_json(run_dir / "config.json", cfg.to_dict())
+    ckpt_path = run_dir / "checkpoint.pt"
+    state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else {"stage": 1, "epoch": 0, "step": 0}
+    if "net" in state:
+        _check_data(ctx, state)
+        where = ("both stages are done" if state["stage"] == "done" else
+                 f"stage {state['stage']}, epoch {state['epoch'] + 1}, step {state['step']}")
+        ctx.say(f"resuming {run_dir}: {where}")
+    report_path = run_dir / "report.json"
+    report = read_report(report_path)
+    t0 = time.monotonic()
+
+    def saver(stage_no, stage):
+        def save(epoch, step):
+            if ctx.dist.is_main:
+                checkpoint.save(ckpt_path, {"stage": stage_no, "epoch": epoch, "step": step,
+                                            "num_classes": ctx.num_classes, "config": cfg.to_dict(),
+                                            **stage.state_dict()})
+            barrier()
+        return save
+
+    def evaluator(stage, every):
+        def on_epoch_end(epoch):
+            if every and (epoch + 1) % every == 0 and epoch + 1 < stage.epochs:
+                result = run_eval(ctx, stage.net)
+                ctx.metrics.write(stage=stage.name, event="eval", epoch=epoch, **_short(result))
+        return on_epoch_end
+
+    net = prepare(new_network(cfg, ctx.num_classes), ctx)
+    if state["stage"] == 1:
+        bank = CentroidBank(ctx.num_classes, cfg.proj_dim, cfg.centroid_momentum).to(ctx.device)
+        stage = Stage1(ctx, net, bank)
+        if "net" in state:
+            stage.load_state_dict(state)
+        run_epochs(ctx, stage, state["epoch"], state["step"], saver(1, stage), evaluator(stage, cfg.eval_every))
+        report["stage1"] = run_eval(ctx, net)
+        ctx.metrics.write(stage="stage1", event="eval", epoch=cfg.epochs - 1, **_short(report["stage1"]))
+        if ctx.dist.is_main:
+            checkpoint.save(run_dir / "stage1.pt", _model_file(cfg, ctx, net))
+            write_json(report_path, report)
+            checkpoint.save(ckpt_path, {"stage": 2, "epoch": 0, "step": 0, "num_classes": ctx.num_classes,
+                                        "config": cfg.to_dict(), "net": net.state_dict()})
+        barrier()
+        state = {"stage": 2, "epoch": 0, "step": 0, "net": net.state_dict()}
+    if state["stage"] == 2:
+        teacher = None
+        if cfg.s2_beta > 0:
+            teacher = prepare(new_network(cfg, ctx.num_classes), ctx)
+            teacher.load_state_dict(checkpoint.load(run_dir / "stage1.pt")["net"])
+        net.load_state_dict(state["net"])
+        stage = Stage2(ctx, net, teacher)
+        if "optimizer" in state:
+            stage.load_state_dict(state)
+        run_epochs(ctx, stage, state["epoch"], state["step"], saver(2, stage), evaluator(stage, cfg.eval_every))
+        report["stage2"] = run_eval(ctx, net)
+        ctx.metrics.write(stage="stage2", event="eval", epoch=cfg.s2_epochs - 1, **_short(report["stage2"]))
+        report["train_seconds_this_session"] = round(time.monotonic() - t0, 1)
+        if ctx.dist.is_main:
+            checkpoint.save(run_dir / "final.pt", _model_file(cfg, ctx, net))
+            write_json(report_path, report)
+            checkpoint.save(ckpt_path, {"stage": "done", "epoch": 0, "step": 0,
+                                        "num_classes": ctx.num_classes, "config": cfg.to_dict(),
+                                        "net": net.state_dict()})
+        barrier()
+    return report
+
+
+def read_report(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _model_file(cfg: Config, ctx: Context, net: ICCLNet) -> dict:
+    return {"config": cfg.to_dict(), "num_classes": ctx.num_classes, "classes": ctx.train.classes,
+            "net": net.state_dict()}
+
+
+def _short(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "per_class"}
+
+
+def evaluate_run(run_dir: Path, stage: int = 2, data: str | None = None, loader: str | None = None) -> dict:
+    """Evaluate the saved model of a run (final.pt, or stage1.pt with stage=1) on its eval split."""
+    run_dir = Path(run_dir)
+    path = run_dir / ("final.pt" if stage == 2 else "stage1.pt")
+    if not (run_dir / "config.json").is_file():
+        raise DataError(f"{run_dir}: not a run directory (no config.json). Pass the --out of `iccl train`.")
+    if not path.is_file():
+        raise DataError(f"{path}: missing; stage {stage} of this run has not finished. Resume it with "
+                        f"`iccl train --out {run_dir}`.")
+    saved = checkpoint.load(path)
+    cfg = Config.from_dict(saved["config"])
+    cfg.data = data or cfg.data
+    cfg.loader = loader or cfg.loader
+    ctx = build_context(cfg, run_dir)
+    try:
+        _check_data(ctx, saved)
+        net = prepare(new_network(cfg, ctx.num_classes), ctx)
+        net.load_state_dict(saved["net"])
+        return run_eval(ctx, net)
+    finally:
+        ctx.close()
