@@ -1,0 +1,80 @@
+"""The step losses compose the method's equations correctly (Eq. 8 and its warm-up form)."""
+import numpy as np
+import torch
+from torch import nn
+
+from model.network import ICCLNet
+from train.steps import LossWeights, stage1_loss, stage1_phase, stage2_loss
+
+
+class _Flat(nn.Module):
+    """A batch-norm-free encoder, so that one fused forward equals two separate ones exactly."""
+    out_dim = 6
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 6)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x.flatten(1)))
+
+
+def _log_softmax(a):
+    a = a - a.max(axis=1, keepdims=True)
+    return a - np.log(np.exp(a).sum(axis=1, keepdims=True))
+
+
+def _setup(seed=0, n=5, k=4):
+    torch.manual_seed(seed)
+    net = ICCLNet(_Flat(), num_classes=k, proj_dim=3).double()
+    x_a, x_m = torch.randn(n, 3, 2, 2, dtype=torch.float64), torch.randn(n, 3, 2, 2, dtype=torch.float64)
+    y_a, y_c = torch.randint(0, k, (n,)), torch.randint(0, k, (n,))
+    lam = torch.rand(n, dtype=torch.float64)
+    cents = nn.functional.normalize(torch.randn(k, 3, dtype=torch.float64), dim=1)
+    return net, x_a, x_m, y_a, y_c, lam, cents
+
+
+def test_iccl_phase_is_eq8():
+    net, x_a, x_m, y_a, y_c, lam, cents = _setup()
+    w = LossWeights(w_u=0.3, w_il=0.7, tau=0.1)
+    loss, z_a = stage1_loss(net, cents, "iccl", x_a, y_a, x_m, y_c, lam, w)
+    with torch.no_grad():
+        _, la, za = net(x_a)
+        _, lm, zm = net(x_m)
+    la, lm, zm, c, l = la.numpy(), lm.numpy(), zm.numpy(), cents.numpy(), lam.numpy()
+    r = np.arange(len(l))
+    ce_u = -_log_softmax(la)[r, y_a].mean()
+    lp = _log_softmax(lm)
+    ce_il = -(l * lp[r, y_a] + (1 - l) * lp[r, y_c]).mean()
+    lc = _log_softmax(zm @ c.T / 0.1)
+    cc_il = -(l * lc[r, y_a] + (1 - l) * lc[r, y_c]).mean()
+    # 1e-6: the projection is L2-normalised in float32 by design, the rest is float64.
+    assert abs(loss.item() - (0.3 * ce_u + 0.7 * (ce_il + cc_il))) < 1e-6
+    assert torch.allclose(z_a, za)
+
+
+def test_warmup_phase_is_ce_plus_clean_centroid_loss():
+    net, x_a, _, y_a, _, _, cents = _setup(1)
+    loss, z_a = stage1_loss(net, cents, "warmup", x_a, y_a, weights=LossWeights(tau=0.5))
+    with torch.no_grad():
+        _, la, za = net(x_a)
+    r = np.arange(len(y_a))
+    expect = -_log_softmax(la.numpy())[r, y_a].mean() - _log_softmax(za.numpy() @ cents.numpy().T / 0.5)[r, y_a].mean()
+    assert abs(loss.item() - expect) < 1e-6
+
+
+def test_ce_phase_and_phase_schedule():
+    net, x_a, _, y_a, _, _, _ = _setup(2)
+    loss, z = stage1_loss(net, None, "ce", x_a, y_a)
+    _, la, _ = net(x_a)
+    assert z is None and abs(loss.item() - (-_log_softmax(la.detach().numpy())[np.arange(5), y_a].mean())) < 1e-10
+    assert [stage1_phase("iccl", e, 2) for e in range(4)] == ["warmup", "warmup", "iccl", "iccl"]
+    assert stage1_phase("ce", 0, 2) == "ce"
+
+
+def test_stage2_beta_zero_ignores_teacher():
+    s, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    ce = stage2_loss(s, None, y, 0.0, 4.0)
+    assert abs(ce.item() - (-_log_softmax(s.numpy())[np.arange(4), y].mean())) < 1e-12
+    t = torch.randn(4, 3, dtype=torch.float64)
+    assert stage2_loss(s, t, y, 0.5, 4.0).item() != ce.item()
