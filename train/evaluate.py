@@ -16,7 +16,7 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable,
     exactly once across processes. Counts are summed over processes, so every rank gets the result."""
     correct = torch.zeros(num_classes, dtype=torch.float64, device=device)
     total = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    for x, y in batches:
+    for x, y, *_ in batches:  # eval loaders yield Batch(x, y, None, None)
         y = y.to(device, non_blocking=True)
         hit = (predict(x).argmax(dim=1) == y).to(torch.float64)
         correct.index_add_(0, y, hit)

@@ -14,6 +14,7 @@ import torch
 
 from pipeline.errors import DataError
 from pipeline.progress import progress
+from train.distributed import all_reduce_sum
 
 
 class TrainingDiverged(DataError):
@@ -43,7 +44,8 @@ def run_epochs(ctx, stage, start_epoch: int, start_step: int,
                 n_since += 1
                 last = step == steps - 1
                 if (step + 1) % cfg.log_every == 0 or last:
-                    value = loss_sum.item() / n_since  # the one host sync per log interval
+                    all_reduce_sum(loss_sum)  # log the mean over processes, not rank 0's share
+                    value = loss_sum.item() / (n_since * ctx.dist.world_size)  # the one host sync
                     if not math.isfinite(value):
                         raise TrainingDiverged(
                             f"{stage.name}: the loss became {value} in epoch {epoch + 1}, before step "
@@ -51,7 +53,7 @@ def run_epochs(ctx, stage, start_epoch: int, start_step: int,
                             f"the last good state. Start a new run with a lower learning rate "
                             f"(--set lr=...) or rerun this command to retry from that checkpoint.")
                     now = time.monotonic()
-                    rate = n_since * stage.images_per_step / max(now - t_log, 1e-9)
+                    rate = n_since * stage.images_per_step * ctx.dist.world_size / max(now - t_log, 1e-9)
                     ctx.metrics.write(stage=stage.name, epoch=epoch, step=step + 1, loss=value, lr=lr,
                                       images_per_s=round(rate, 1), skipped_images=loader.skipped)
                     epoch_losses.append((value, n_since))

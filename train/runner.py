@@ -129,6 +129,9 @@ def _train(ctx: Context) -> dict:
         if "net" in state:
             stage.load_state_dict(state)
         run_epochs(ctx, stage, state["epoch"], state["step"], saver(1, stage), evaluator(stage, cfg.eval_every))
+        if ctx.dist.enabled:
+            ctx.metrics.write(stage="stage1", event="centroid_check",
+                              max_rank_difference=centroid_spread(bank.centroids))
         report["stage1"] = run_eval(ctx, net)
         ctx.metrics.write(stage="stage1", event="eval", epoch=cfg.epochs - 1, **_short(report["stage1"]))
         if ctx.dist.is_main:
@@ -159,6 +162,15 @@ def _train(ctx: Context) -> dict:
                                         "net": net.state_dict()})
         barrier()
     return report
+
+
+def centroid_spread(centroids: torch.Tensor) -> float:
+    """Largest difference of any centroid entry between processes (0.0 when they agree, as they must)."""
+    import torch.distributed as dist
+    hi, lo = centroids.clone(), centroids.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).abs().max())
 
 
 def read_report(path: Path) -> dict:

@@ -6,6 +6,7 @@ import torch
 
 from model.centroids import CentroidBank
 from model.network import ICCLNet
+from pipeline.errors import DataError
 from train.schedule import cosine_lr, step_lr
 from train.steps import LossWeights, stage1_loss, stage1_phase
 
@@ -14,6 +15,11 @@ def wrap(ctx, module: torch.nn.Module) -> torch.nn.Module:
     """DistributedDataParallel across processes and optional compilation: the one place it happens."""
     if ctx.dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
+        if ctx.cfg.sync_bn:
+            if ctx.device.type != "cuda":
+                raise DataError("sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU "
+                                "implementation); drop --set sync_bn=true on CPU")
+            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         module = DDP(module, device_ids=ids)
     if ctx.cfg.compile:
