@@ -6,8 +6,12 @@
       <split>/index.npy         one INDEX_DTYPE row per sample, in sample order
       <split>.beton             optional FFCV file of the same samples in the same order
 
-Sample i of a split is the i-th row of its index; KEY is the sample number as 9 digits, so the
-`webdataset` library and DALI's reader see the same samples in the same order.
+The index is the authority: sample i of a split is the i-th row of its index, and the rows follow
+the shards front to back, so the `webdataset` library and DALI's reader see the same samples in the
+same order. KEY is the sample's position in the source split as 9 digits: keys increase along the
+index and equal the sample number, except after `iccl convert --on-error skip` left bad items out,
+which leaves gaps in the keys (never in the index). Shard k holds the kept samples of source
+positions [k*S, (k+1)*S) for the shard size S, so a shard can be rewritten on its own.
 """
 from __future__ import annotations
 
@@ -41,7 +45,12 @@ def shard_name(k: int) -> str:
 
 
 def sample_key(i: int) -> str:
+    """Member name stem of the sample at source position i."""
     return f"{i:09d}"
+
+
+def beton_name(split: str) -> str:
+    return f"{split}.beton"
 
 
 def shot_groups(train_counts) -> dict[str, list[int]]:

@@ -28,17 +28,19 @@ def _member(name: str, data: bytes) -> tuple[bytes, bytes]:
     pad = b"\0" * ((-len(data)) % BLOCK)
     return header, pad
 
-def write_shard(path: Path, shard: int, first: int,
-                records: Iterable[tuple[bytes, str, int]]) -> np.ndarray:
-    """Write records (image bytes, 'jpg'|'png', label) as samples first, first+1, ... of `shard`.
+def write_shard(path: Path, shard: int, first: int, records: Iterable[tuple]) -> np.ndarray:
+    """Write records (image bytes, 'jpg'|'png', label[, key]) as the samples of `shard`.
 
+    A record's key is its source position (`format.sample_key`); without one, records get keys
+    first, first+1, ... Records are consumed one at a time, so a generator keeps memory flat.
     The file appears at `path` only when complete (atomic rename); returns its index rows.
     """
     rows = []
     with atomic_open(path, "wb") as f:
         pos = 0
-        for j, (data, ext, label) in enumerate(records):
-            key = sample_key(first + j)
+        for j, record in enumerate(records):
+            data, ext, label = record[:3]
+            key = sample_key(record[3] if len(record) > 3 else first + j)
             header, pad = _member(f"{key}.{ext}", data)
             f.write(header)
             rows.append((shard, pos + len(header), len(data), label, EXT_CODE[ext]))

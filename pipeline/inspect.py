@@ -1,0 +1,196 @@
+"""What a converted dataset holds (`dataset_info`) and whether it is intact (`verify`).
+
+`verify` re-reads everything with readers independent of the writer: Python's `tarfile` for the
+shard structure, the decoders for every image, FFCV's own reader for the `.beton`. It returns
+problems as sentences naming the file, what is wrong, and what to do; an empty list means intact.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+from pipeline.convert_shard import file_sha256
+from pipeline.dataset import ShardedSplit
+from pipeline.errors import DataError
+from pipeline.format import (EXTS, INDEX_FILE, META_FILE, beton_name, read_meta, sample_key,
+                             shard_name, shot_groups)
+from pipeline.progress import progress
+
+_MAX_PER_SHARD = 5  # problems listed per shard before "... and N more"
+
+
+# --- info -------------------------------------------------------------------------------------
+def dataset_info(root: str | os.PathLike) -> dict:
+    """Name, classes and, per split, counts, imbalance, many/medium/few, formats and bytes on disk."""
+    root = Path(root)
+    meta = read_meta(root)
+    info = {"name": meta["name"], "classes": meta["classes"], "splits": {}}
+    for split, m in meta["splits"].items():
+        counts = np.asarray(m["class_counts"])
+        present = counts[counts > 0]
+        groups = meta.get("shot_groups") or shot_groups(counts)  # many/medium/few by train counts
+        files = [root / split / shard_name(k) for k in range(m["num_shards"])]
+        files += [root / split / INDEX_FILE, root / beton_name(split)]
+        info["splits"][split] = {
+            "num_samples": int(m["num_samples"]),
+            "num_classes": int(len(present)),
+            "class_counts": counts.tolist(),
+            "imbalance_ratio": float(present.max() / present.min()) if len(present) else None,
+            **{g: int((counts[groups[g]] > 0).sum()) for g in ("many", "medium", "few")},
+            "formats": list(m["formats"]),
+            "bytes": sum(p.stat().st_size for p in files if p.is_file()),
+        }
+    return info
+
+
+# --- verify -----------------------------------------------------------------------------------
+def verify(root: str | os.PathLike, workers: int | None = None) -> list[str]:
+    """Every problem found in the converted dataset at `root` (empty: all intact)."""
+    root = Path(root)
+    try:
+        meta = read_meta(root)
+    except DataError as e:
+        return [str(e)]
+    problems, tasks = [], []
+    for split in meta["splits"]:
+        try:
+            ds = ShardedSplit(root, split)
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        index = np.asarray(ds.index)
+        problems += _check_index(root, split, index, ds.info, len(meta["classes"]))
+        digests = ds.info.get("shard_sha256") or [None] * ds.num_shards
+        for k in range(ds.num_shards):
+            tasks.append((root, split, k, index[index["shard"] == k], digests[k]))
+        if "ffcv" in ds.info["formats"]:
+            problems += _check_beton(root / beton_name(split), index)
+    total = sum(len(t[3]) for t in tasks)
+    with progress(total, f"verify {root.name}", unit="images") as bar:
+        for found, n in _run(tasks, workers or os.cpu_count() or 1):
+            problems += found
+            bar.advance(n)
+    return problems
+
+
+def _check_index(root: Path, split: str, index: np.ndarray, info: dict, num_classes: int) -> list[str]:
+    where = root / split / INDEX_FILE
+    fix = f"Convert again into a fresh folder (or delete {root / META_FILE} and rerun the conversion)."
+    problems = []
+    bad = np.flatnonzero((index["label"] < 0) | (index["label"] >= num_classes))
+    if len(bad):
+        problems.append(f"{where}: {len(bad)} labels out of range [0, {num_classes}), first at "
+                        f"sample {bad[0]}. {fix}")
+    elif np.bincount(index["label"], minlength=num_classes).tolist() != list(info["class_counts"]):
+        problems.append(f"{where}: class counts differ from {root / META_FILE}. {fix}")
+    order = np.lexsort((index["offset"], index["shard"]))
+    outside = (index["shard"] < 0) | (index["shard"] >= info["num_shards"])
+    if outside.any() or not (order == np.arange(len(index))).all():
+        problems.append(f"{where}: rows do not follow the shards in order. {fix}")
+    return problems
+
+
+def _check_beton(path: Path, index: np.ndarray) -> list[str]:
+    fix = "Delete it and rerun the conversion with --ffcv."
+    if not path.is_file():
+        return [f"{path}: missing (meta.json lists an FFCV file). {fix}"]
+    try:
+        from ffcv.reader import Reader
+
+        reader = Reader(str(path))
+        labels = reader.metadata[f"f{reader.field_names.index('label')}"]
+    except Exception as e:  # any failure of FFCV's reader means the file is unusable
+        return [f"{path}: unreadable by FFCV ({type(e).__name__}: {e}). {fix}"]
+    if reader.num_samples != len(index):
+        return [f"{path}: {reader.num_samples} samples, the index has {len(index)}. {fix}"]
+    if not np.array_equal(labels, index["label"]):
+        return [f"{path}: labels differ from the index. {fix}"]
+    return []
+
+
+def _run(tasks: list[tuple], workers: int):
+    if workers == 1 or len(tasks) <= 1:
+        yield from map(_check_shard_task, tasks)
+        return
+    ctx = multiprocessing.get_context("spawn")  # as in convert: no inherited threads or maps
+    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx) as pool:
+        yield from pool.map(_check_shard_task, tasks)
+
+
+def _check_shard_task(task: tuple) -> tuple[list[str], int]:
+    root, split, k, rows, digest = task
+    path = root / split / shard_name(k)
+    problems = check_shard(path, rows, digest)
+    fix = ("Rerun the same `iccl convert` command: it rewrites missing shards."
+           if not path.is_file() else
+           f"Delete {path.name} and rerun the same `iccl convert` command: it rewrites that shard.")
+    more = len(problems) - _MAX_PER_SHARD
+    problems = problems[:_MAX_PER_SHARD] + ([f"{path}: ... and {more} more problems"] if more > 0 else [])
+    return [f"{p} {fix}" for p in problems], len(rows)
+
+
+def check_shard(path: Path, rows: np.ndarray, digest: str | None) -> list[str]:
+    """Problems of one shard: its checksum, its members against its index rows, every image."""
+    if not path.is_file():
+        return [f"{path}: missing."]
+    if digest is not None and file_sha256(path) != digest:
+        problems = [f"{path}: checksum differs from meta.json (the file was altered or damaged)."]
+    else:
+        problems = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = tar.getmembers()
+            problems += _check_members(path, tar, members, rows)
+    except (tarfile.TarError, OSError) as e:
+        problems.append(f"{path}: not a readable tar ({e}).")
+    return problems
+
+
+def _check_members(path: Path, tar: tarfile.TarFile, members: list, rows: np.ndarray) -> list[str]:
+    problems = []
+    if len(members) != 2 * len(rows):
+        problems.append(f"{path}: {len(members)} members, expected {2 * len(rows)} "
+                        f"(an image and a .cls per sample; truncated or altered).")
+    previous_key = -1
+    for j, row in enumerate(rows[: len(members) // 2]):
+        image, cls = members[2 * j], members[2 * j + 1]
+        ext = EXTS[int(row["ext"])]
+        key = image.name.split(".", 1)[0]
+        if (image.name != f"{key}.{ext}" or cls.name != f"{key}.cls" or not key.isdigit()
+                or key != sample_key(int(key)) or int(key) <= previous_key):
+            problems.append(f"{path}: members {image.name!r}, {cls.name!r} where sample {j} "
+                            f"should be (increasing KEY.{ext}, KEY.cls).")
+            continue
+        previous_key = int(key)
+        if image.offset_data != row["offset"] or image.size != row["size"]:
+            problems.append(f"{path}: {image.name} is at byte {image.offset_data} ({image.size} "
+                            f"bytes), the index says {row['offset']} ({row['size']} bytes).")
+            continue
+        label = tar.extractfile(cls).read()
+        if label != str(int(row["label"])).encode():
+            problems.append(f"{path}: {cls.name} holds {label[:20]!r}, the index says {row['label']}.")
+        error = decode_error(tar.extractfile(image).read(), ext)
+        if error:
+            problems.append(f"{path}: {image.name} does not decode ({error}).")
+    return problems
+
+
+def decode_error(data: bytes, ext: str) -> str | None:
+    """Why stored image bytes do not decode strictly, or None when they do."""
+    try:
+        if ext == "jpg":
+            simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        else:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+    except Exception as e:  # any decoder failure is the finding itself
+        return f"{type(e).__name__}: {e}"
+    return None

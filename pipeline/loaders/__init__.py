@@ -1,0 +1,140 @@
+"""Loader factory: the samplers of a training stage plus one of the loaders in `LOADERS`.
+
+Every training loader is constructed the same way,
+    cls(split, uniform=UniformSampler | None, class_aware=ClassAwareSampler | None,
+        augment=AugmentSpec, seed=int, steps_per_epoch=int, rank=int, world_size=int,
+        device=torch.device, workers=int)
+and every eval loader as
+    cls(split, spec=EvalSpec, batch_size=int, rank=int, world_size=int, device=torch.device,
+        workers=int).
+Loader modules are imported only when chosen: DALI and FFCV may be absent on a user's machine.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Optional
+
+import torch
+
+from pipeline.dataset import ShardedSplit
+from pipeline.errors import DataError
+from pipeline.loaders.base import AugmentSpec, Batch, EvalLoader, EvalSpec, TrainLoader
+from pipeline.samplers import ClassAwareSampler, UniformSampler
+
+LOADERS = ("resident", "dali", "ffcv", "reference")
+
+# name -> (module, train class, eval class, what to install when the module's imports fail)
+_CLASSES = {
+    "resident": ("pipeline.loaders.resident", "ResidentLoader", "ResidentEvalLoader", None),
+    "dali": ("pipeline.loaders.dali", "DaliLoader", "DaliEvalLoader", "nvidia-dali-cuda120"),
+    "ffcv": ("pipeline.loaders.ffcv", "FfcvLoader", "FfcvEvalLoader", "ffcv"),
+    "reference": ("pipeline.loaders.reference", "ReferenceLoader", "ReferenceEvalLoader", None),
+}
+
+__all__ = ["LOADERS", "Batch", "AugmentSpec", "EvalSpec", "TrainLoader", "EvalLoader",
+           "choose_loader", "make_train_loader", "make_eval_loader"]
+
+
+def _loader_class(name: str, train: bool):
+    if name not in _CLASSES:
+        raise DataError(f"--loader {name!r}: unknown; choose one of auto, {', '.join(LOADERS)}")
+    module, train_cls, eval_cls, package = _CLASSES[name]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise DataError(f"the {name} loader needs the package {package} ({e}); install it with "
+                        f"`pip install {package}` or choose another --loader") from e
+    cls = getattr(mod, train_cls if train else eval_cls, None)
+    if cls is None:
+        raise DataError(f"the {name} loader has no {'training' if train else 'evaluation'} loader; "
+                        f"choose another --loader")
+    return cls
+
+
+def _dali_importable() -> bool:
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # the `nvidia` namespace itself is absent
+        return False
+
+
+def _beton_path(split: ShardedSplit):
+    return split.root / f"{split.split}.beton"
+
+
+def choose_loader(split: ShardedSplit, augment: Optional[AugmentSpec], device, *,
+                  eval_spec: Optional[EvalSpec] = None, world_size: int = 1) -> str:
+    """The loader "auto" means: resident when the decoded pixels fit the device's budget (for
+    training: every image shares one size; for evaluation, `augment` None, any sizes, since the
+    resident eval loader stores transformed `eval_spec.size` images of one rank's shard); else
+    DALI when installed; else the reference loader. FFCV is used only when asked for (its
+    `.beton` is an optional output of `iccl convert`)."""
+    from pipeline.loaders import resident  # light: no optional dependencies
+
+    budget = resident.resident_budget(device)
+    if augment is not None:
+        pad = augment.pad if augment.kind == "pad_crop" else 0
+        fits = resident.common_size(split, pad, budget) is not None
+    else:
+        spec = eval_spec or EvalSpec()
+        fits = -(-len(split) // world_size) * spec.size * spec.size * 3 <= budget
+    if fits:
+        return "resident"
+    return "dali" if _dali_importable() else "reference"
+
+
+def _check_ffcv(split: ShardedSplit) -> None:
+    if not _beton_path(split).is_file():
+        raise DataError(f"{_beton_path(split)} is missing: the ffcv loader reads a .beton file; "
+                        f"re-run `iccl convert` with --beton, or choose another --loader")
+
+
+def make_train_loader(split: ShardedSplit, *, loader: str = "auto", batch_size: int, uniform: bool = True,
+                      class_aware_gamma: Optional[float] = 0.0, augment: AugmentSpec, seed: int,
+                      rank: int = 0, world_size: int = 1, device, workers: int = 2,
+                      steps_per_epoch: Optional[int] = None) -> TrainLoader:
+    """A training loader yielding Batch(x_a, y_a, x_c, y_c) on `device`.
+
+    `batch_size` is the global batch per step (split over `world_size` ranks). Stage 1 of ICCL:
+    `uniform=True` with a class-aware gamma; stage 2: `uniform=False` (class-aware stream only);
+    the plain CE baseline: `class_aware_gamma=None` (uniform stream only). `steps_per_epoch`
+    defaults to len(split) // batch_size and may not exceed it while the uniform stream is on
+    (an epoch is one pass of the permutation).
+    """
+    if not uniform and class_aware_gamma is None:
+        raise DataError("a training loader needs at least one stream: "
+                        "set uniform=True or a class-aware gamma")
+    device = torch.device(device)
+    full = len(split) // batch_size
+    steps = full if steps_per_epoch is None else steps_per_epoch
+    if uniform and steps > full:
+        raise DataError(f"steps_per_epoch {steps} exceeds the {full} steps of one pass over "
+                        f"{len(split)} samples at batch {batch_size}")
+    try:
+        uni = UniformSampler(len(split), batch_size, seed, rank, world_size) if uniform else None
+        aware = None if class_aware_gamma is None else ClassAwareSampler(
+            split.labels, class_aware_gamma, batch_size, seed, rank, world_size,
+            steps_per_epoch=steps, num_classes=split.num_classes)
+    except ValueError as e:
+        raise DataError(f"{split.dir}: {e}") from e
+    name = choose_loader(split, augment, device) if loader == "auto" else loader
+    if name == "ffcv":
+        _check_ffcv(split)
+    cls = _loader_class(name, train=True)
+    return cls(split, uniform=uni, class_aware=aware, augment=augment, seed=seed, steps_per_epoch=steps,
+               rank=rank, world_size=world_size, device=device, workers=workers)
+
+
+def make_eval_loader(split: ShardedSplit, *, loader: str = "auto", batch_size: int, spec: EvalSpec,
+                     rank: int = 0, world_size: int = 1, device, workers: int = 2) -> EvalLoader:
+    """An eval loader: this rank's contiguous shard of `split`, each sample once, in order;
+    `batch_size` is per process."""
+    device = torch.device(device)
+    name = (choose_loader(split, None, device, eval_spec=spec, world_size=world_size)
+            if loader == "auto" else loader)
+    if name == "ffcv":
+        _check_ffcv(split)
+    cls = _loader_class(name, train=False)
+    return cls(split, spec=spec, batch_size=batch_size, rank=rank, world_size=world_size,
+               device=device, workers=workers)
