@@ -24,7 +24,8 @@ def test_presets_carry_the_paper_recipes():
 
 def test_ce_method_is_crt_in_stage_2():
     c = resolve("cifar10-lt", "ce")
-    assert c.method == "ce" and c.s2_beta == 0.0 and c.s2_gamma == 0.0
+    assert c.method == "ce" and c.s2_beta == 0.0 and c.s2_gamma == 0.0 and c.s2_reinit_classifier
+    assert not resolve("cifar10-lt").s2_reinit_classifier
 
 
 def test_overrides_are_typed_and_validated():
@@ -62,3 +63,10 @@ def test_cosine_schedule():
     assert cosine_lr(0.2, 45, 90) == pytest.approx(0.1)
     assert cosine_lr(0.2, 90, 90) == pytest.approx(0.0, abs=1e-12)
     assert cosine_lr(0.2, 30, 90) == pytest.approx(0.1 * (1 + math.cos(math.pi / 3)))
+
+
+def test_changing_epochs_keeps_the_recipe_shape():
+    c = resolve("cifar10-lt", epochs=50)
+    assert (c.warmup_epochs, c.lr_steps, c.lr_warmup_epochs) == (25, (30, 40), 5)
+    c = resolve("cifar10-lt", epochs=50, overrides={"warmup_epochs": "10"})
+    assert c.warmup_epochs == 10 and c.lr_steps == (30, 40)

@@ -34,7 +34,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="run directory (created, or resumed)")
     p.add_argument("--method", choices=("iccl", "ce"), default=None,
                    help="iccl (default), or ce: plain cross-entropy then cRT, on the same machinery")
-    p.add_argument("--epochs", type=int, help="stage-1 epochs (T_w is not rescaled: also --set warmup_epochs)")
+    p.add_argument("--epochs", type=int, help="stage-1 epochs; T_w (warmup_epochs) and lr_steps scale "
+                                              "with it unless also given with --set")
     p.add_argument("--batch-size", type=int, help="global batch per stream (all processes together)")
     p.add_argument("--lr", type=float, help="stage-1 learning rate for the preset's batch size")
     p.add_argument("--seed", type=int, help="seed of initialisation, sampling, augmentation (default 0)")
@@ -151,8 +152,7 @@ def cmd_demo(args) -> int:
     if not (data / META_FILE).is_file():
         say(f"making the synthetic long-tailed dataset in {data}")
         convert(make_synthetic_lt(), data)
-    cfg = resolve("synthetic-lt", args.method, data=str(data.resolve()), epochs=args.epochs,
-                  warmup_epochs=args.epochs // 2 if args.epochs else None)
+    cfg = resolve("synthetic-lt", args.method, data=str(data.resolve()), epochs=args.epochs)
     run = args.out / f"run-{args.method}"
     report = train(cfg, run)
     print_table(results_table({"stage 1": report["stage1"], "stage 2 (rebalanced)": report["stage2"]},
