@@ -65,9 +65,12 @@ class CentroidBank(nn.Module):
         # Accumulate in float64: the weights m^(n-j) span orders of magnitude.
         acc = torch.float64
         m = torch.tensor(self.momentum, dtype=acc, device=z.device)
-        counts = torch.bincount(y, minlength=num_classes)
-        if counts.numel() != num_classes:
-            raise ValueError(f"labels must lie in [0, {num_classes}), got up to {counts.numel() - 1}")
+        if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            # Checked on the host only: on a GPU the check would stall every training step.
+            raise ValueError(f"labels must lie in [0, {num_classes}), got {int(y.min())}..{int(y.max())}")
+        # index_add_ rather than bincount: bincount must read the largest label back to the host
+        # to size its output, a device sync per step on a GPU.
+        counts = torch.zeros(num_classes, dtype=torch.long, device=y.device).index_add_(0, y, torch.ones_like(y))
         # Position of each sample among the samples of its class, in batch order:
         # a stable sort groups classes while keeping batch order inside each group.
         order = torch.sort(y, stable=True).indices

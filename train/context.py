@@ -86,6 +86,8 @@ class Context:
         g = torch.Generator().manual_seed(_seed_of(self.cfg.seed, _LAMBDA_STREAM, epoch, step))
         lam = sample_lambda(n_local * self.dist.world_size, self.cfg.alpha, g, torch.device("cpu"))
         lam = lam[self.dist.rank * n_local:(self.dist.rank + 1) * n_local]
+        if self.device.type == "cuda":  # from pinned memory the copy does not stall the host
+            lam = lam.pin_memory()
         return lam.to(self.device, non_blocking=True)
 
     def mix(self, x_a_u8, x_c_u8, lam):
