@@ -1,0 +1,209 @@
+"""`iccl bench pipeline`: decoded images per second of every loader, against the machine's decode ceiling.
+
+In one run, on the same data and the same CPU budget (`workers` decode threads / worker processes
+and as many torch threads):
+  - every requested loader in two-stream training mode, the way stage 1 reads data: the uniform
+    stream plus the class-aware stream (gamma = 0), so 2 x batch images per step, augmented as
+    training would (pad_crop for small images, random resized crop 224 + flip + jitter for
+    photographs), delivered on the training device. Construction and warm-up steps are not timed
+    (reported as setup time); CUDA is synchronised before the clock is read.
+  - the decode-only ceiling: the same images decoded with no augmentation by the fastest decoder
+    for their format (simplejpeg for JPEG, Pillow for PNG) in `workers` processes, and by DALI's
+    CPU decoder with `workers` threads for comparison; the faster is the ceiling.
+With `repeats` > 1 every measurement is taken that many times and the best kept: on a machine
+shared with other work, the least disturbed window. Loaders that cannot run on the data (resident
+on images of different sizes, ffcv without a .beton, a package not installed) are reported as
+skipped, with the reason.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pipeline import codecs
+from pipeline.dataset import ShardedSplit
+from pipeline.errors import DataError
+from pipeline.format import EXT_CODE
+from pipeline.loaders import LOADERS, make_train_loader
+from pipeline.loaders.base import AugmentSpec
+from pipeline.loaders.resident import stored_size
+from pipeline.progress import progress, say
+
+SMALL_IMAGE = 64  # images up to this side are trained with pad_crop (CIFAR), larger with rrc
+
+
+def auto_augment(split: ShardedSplit, kind: str = "auto", size: Optional[int] = None,
+                 jitter: Optional[float] = None) -> AugmentSpec:
+    """The training augmentation for the bench: pad_crop at the stored size for small images,
+    else the ImageNet-LT recipe (random resized crop 224, flip, jitter 0.4)."""
+    hw = next((s for s in (stored_size(split, i) for i in range(min(len(split), 16))) if s), None)
+    if hw is None:
+        raise DataError(f"{split.dir}: the first images are unreadable; run `iccl verify {split.root}`")
+    if kind == "auto":
+        kind = "pad_crop" if max(hw) <= SMALL_IMAGE else "rrc"
+    if kind == "pad_crop":
+        return AugmentSpec(kind="pad_crop", size=size or min(hw), pad=4)
+    return AugmentSpec(kind="rrc", size=size or 224, jitter=0.4 if jitter is None else jitter)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _endless(loader):
+    """Training steps across epoch boundaries, as a long run sees them."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def measure_loader(split: ShardedSplit, name: str, augment: AugmentSpec, batch_size: int,
+                   steps: int, warmup: int, workers: int, device: torch.device,
+                   repeats: int = 1) -> dict:
+    """Images per second of one loader in two-stream mode, the best of `repeats` windows of
+    `steps` steps (on a shared machine the best window is the least disturbed one);
+    {"skipped": why} when the loader cannot run on this data."""
+    row = {"loader": name, "steps": steps, "batch_size": batch_size}
+    t0 = time.perf_counter()
+    try:
+        loader = make_train_loader(split, loader=name, batch_size=batch_size, uniform=True,
+                                   class_aware_gamma=0.0, augment=augment, seed=0, device=device,
+                                   workers=workers)
+    except DataError as e:
+        return {**row, "images_per_s": None, "skipped": str(e)}
+    rates = []
+    try:
+        with progress(warmup + repeats * steps, f"bench pipeline: {name}", unit="steps") as task:
+            batches = _endless(loader)
+            for _ in range(warmup):
+                next(batches)
+                task.advance(1)
+            sync(device)
+            setup_s = time.perf_counter() - t0
+            for _ in range(repeats):
+                t1 = time.perf_counter()
+                for _ in range(steps):
+                    next(batches)
+                    task.advance(1)
+                sync(device)
+                rates.append(2 * batch_size * steps / (time.perf_counter() - t1))
+    finally:
+        loader.close()
+    return {**row, "images_per_s": max(rates), "windows_images_per_s": rates,
+            "setup_s": round(setup_s, 2), "skipped": None}
+
+
+# --- the decode-only ceiling --------------------------------------------------------------------
+_worker_split: Optional[ShardedSplit] = None
+
+
+def _decode_chunk(root: str, split: str, idx: np.ndarray) -> int:
+    """Decode samples `idx` in a pool worker (the split is opened once per process)."""
+    global _worker_split
+    if _worker_split is None or _worker_split.root != Path(root) or _worker_split.split != split:
+        _worker_split = ShardedSplit(root, split)
+    for i in idx:
+        codecs.decode(_worker_split.encoded(int(i)), _worker_split.ext(int(i)))
+    return len(idx)
+
+
+def decode_rate_python(split: ShardedSplit, idx: np.ndarray, workers: int) -> float:
+    """Images per second of simplejpeg (JPEG) / Pillow (PNG) in `workers` processes; process
+    start-up and the first reads are outside the clock."""
+    chunks = np.array_split(idx, max(1, len(idx) // 64))
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_decode_chunk, [str(split.root)] * workers, [split.split] * workers,
+                      np.array_split(idx[:64 * workers], workers)))  # warm: open maps, fault pages
+        t0 = time.perf_counter()
+        n = sum(pool.map(_decode_chunk, [str(split.root)] * len(chunks), [split.split] * len(chunks), chunks))
+        return n / (time.perf_counter() - t0)
+
+
+def decode_rate_dali(split: ShardedSplit, idx: np.ndarray, workers: int, batch_size: int) -> float:
+    """Images per second of DALI's CPU decoder with `workers` threads (first batch untimed)."""
+    from nvidia.dali import Pipeline, fn
+
+    batches = [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+
+    def source(info):
+        if info.iteration >= len(batches):
+            raise StopIteration
+        return [np.frombuffer(split.encoded(int(i)), np.uint8) for i in batches[info.iteration]]
+
+    pipe = Pipeline(batch_size=batch_size, num_threads=workers, device_id=None, prefetch_queue_depth=2)
+    with pipe:
+        pipe.set_outputs(fn.decoders.image(fn.external_source(source=source, batch=True, batch_info=True),
+                                           device="cpu"))
+    pipe.build()
+    pipe.run()
+    t0 = time.perf_counter()
+    for _ in batches[1:]:
+        pipe.run()
+    return sum(len(b) for b in batches[1:]) / (time.perf_counter() - t0)
+
+
+def decode_ceiling(split: ShardedSplit, num_images: int, workers: int, batch_size: int,
+                   repeats: int = 1) -> dict:
+    """{decoder name: images per second, best of `repeats`} over the first `num_images` samples
+    (cycled)."""
+    idx = np.arange(num_images) % len(split)
+    jpeg = (split.index["ext"][np.unique(idx)] == EXT_CODE["jpg"]).mean() >= 0.5
+    say("bench pipeline: measuring the decode-only ceiling")
+    rates = {"simplejpeg" if jpeg else "pillow":
+             max(decode_rate_python(split, idx, workers) for _ in range(repeats))}
+    try:
+        rates["dali-cpu"] = max(decode_rate_dali(split, idx, workers, batch_size) for _ in range(repeats))
+    except ImportError:
+        pass
+    return rates
+
+
+# --- one run ------------------------------------------------------------------------------------
+def run(data: str | os.PathLike, split: str = "train", loaders: tuple[str, ...] = LOADERS,
+        batch_size: int = 128, steps: int = 20, warmup: int = 3, workers: Optional[int] = None,
+        augment: str = "auto", size: Optional[int] = None, jitter: Optional[float] = None,
+        device: str = "auto", repeats: int = 1) -> dict:
+    """The whole benchmark (module docstring); returns what `--json` writes."""
+    from pipeline.device import pick_device
+
+    for name in loaders:
+        if name not in LOADERS:
+            raise DataError(f"--loaders: unknown loader {name!r}; choose from {', '.join(LOADERS)}")
+    if steps < 1 or warmup < 0 or batch_size < 1 or repeats < 1:
+        raise DataError("--steps, --batch-size and --repeats must be positive, --warmup at least 0")
+    workers = workers or os.cpu_count() or 1
+    torch.set_num_threads(workers)
+    dev = pick_device(device)
+    ds = ShardedSplit(data, split)
+    spec = auto_augment(ds, augment, size, jitter)
+    # Forking (the ceiling's process pool, the reference loader's workers) comes first, while
+    # no other loader has started threads (numba's, DALI's) that a fork would leave broken.
+    rates = decode_ceiling(ds, min(2 * batch_size * steps, 4 * len(ds)), workers, batch_size, repeats)
+    order = sorted(loaders, key=lambda name: name != "reference")
+    measured = {name: measure_loader(ds, name, spec, batch_size, steps, warmup, workers, dev, repeats)
+                for name in order}
+    results = [measured[name] for name in loaders]
+    decoder, ceiling = max(rates.items(), key=lambda kv: kv[1])
+    reference = next((r["images_per_s"] for r in results if r["loader"] == "reference"), None)
+    for r in results:
+        x = r["images_per_s"]
+        r["ratio_to_reference"] = x / reference if x and reference else None
+        r["fraction_of_decode_ceiling"] = x / ceiling if x else None
+    return {
+        "results": results, "decode_ceiling_images_per_s": ceiling, "decoder": decoder,
+        "decoders": rates, "data": str(data), "split": split, "num_samples": len(ds),
+        "augment": {"kind": spec.kind, "size": spec.size, "pad": spec.pad, "jitter": spec.jitter,
+                    "flip": spec.flip},
+        "workers": workers, "repeats": repeats, "device": str(dev),
+        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "cuda_device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
+    }
