@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.centroids import CentroidBank
-from tools.bench_train import NaiveStage1, bench_context, random_batch, run
+from tools.bench_train import NaiveStage1, bench_context, random_batch
 from train.config import resolve
 from train.runner import new_network, prepare
 from train.steps import LossWeights, stage1_loss

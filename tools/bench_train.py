@@ -24,7 +24,7 @@ from model.centroids import CentroidBank
 from model.losses import (interpolative_ce, interpolative_centroid_contrastive, uniform_ce)
 from pipeline.device import pick_device
 from pipeline.loaders.base import Batch
-from pipeline.progress import progress, say
+from pipeline.progress import progress
 from train.config import resolve
 from train.context import Context, build_context
 from train.distributed import DistInfo

@@ -65,6 +65,12 @@ class Context:
         return self._loaders[key]
 
     def eval_batches(self):
+        """The evaluation loader, made once per run (FFCV compiles code per loader it builds)."""
+        if "eval" not in self._loaders:
+            self._loaders["eval"] = self._make_eval_loader()
+        return self._loaders["eval"]
+
+    def _make_eval_loader(self):
         cfg = self.cfg
         return make_eval_loader(self.eval, loader=cfg.loader, batch_size=cfg.eval_batch_size,
                                 spec=EvalSpec(size=cfg.image_size, resize=cfg.eval_resize),

@@ -18,156 +18,26 @@ vectorised: with 224-px crops of photographs it trails FFCV (measured with `iccl
 
 Corrupt images: a sample whose header cannot be read is replaced before it reaches DALI; one that
 DALI fails to decode makes the step fail, the failing samples are found by bisection with a
-decode-only pipeline (`_DecodeProbe`), and the pipeline is rebuilt from that step with them
+decode-only pipeline (`DecodeProbe`), and the pipeline is rebuilt from that step with them
 replaced by the next readable image of the same class. `skipped` counts distinct corrupt samples.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-from nvidia.dali import Pipeline, fn, types
-from nvidia.dali.backend import TensorGPU
-from nvidia.dali.plugin.pytorch import feed_ndarray
+from nvidia.dali import fn, types
 
 from pipeline.augment import (STREAM_CLASS_AWARE, STREAM_UNIFORM, color_jitter, draw_params,
                               resized_shape, step_generator, to_u8)
 from pipeline.dataset import ShardedSplit
 from pipeline.errors import DataError
 from pipeline.loaders.base import AugmentSpec, Batch, EvalLoader, EvalSpec, TrainLoader
-from pipeline.loaders.resident import stored_size
+from pipeline.loaders.dali_support import DecodeProbe, Samples, build_pipeline, dense, placement, to_torch
 from pipeline.samplers import ClassAwareSampler, UniformSampler, eval_indices
 
 PREFETCH = 2  # steps DALI prepares while the trainer works on the current one
-
-
-# --- host-side helpers ---------------------------------------------------------------------
-class _Samples:
-    """The split as DALI input: zero-copy byte views, image sizes read once from the headers, and
-    the corrupt samples found so far with the stand-ins that replace them in training."""
-
-    def __init__(self, split: ShardedSplit, on_corrupt: Callable[[int], None]):
-        self.split, self.labels, self._on_corrupt = split, split.labels, on_corrupt
-        self._hw = np.zeros((len(split), 2), np.int64)  # (0, 0): header not read yet
-        self.bad: set[int] = set()
-
-    def arrays(self, idx) -> list[np.ndarray]:
-        return [np.frombuffer(self.split.encoded(int(i)), np.uint8) for i in idx]
-
-    def sizes(self, idx: np.ndarray) -> np.ndarray:
-        """(N, 2) heights and widths; unreadable headers are retired (their rows stay 0)."""
-        corrupt = []
-        for i in map(int, idx[self._hw[idx, 0] == 0]):
-            hw = stored_size(self.split, i)
-            if hw is None:
-                corrupt.append(i)
-            else:
-                self._hw[i] = hw
-        self.retire(corrupt)
-        return self._hw[idx]
-
-    def retire(self, corrupt) -> None:
-        new = {int(i) for i in corrupt} - self.bad
-        if new:
-            self.bad |= new
-            self._on_corrupt(len(new))
-
-    def _is_bad(self, idx: np.ndarray) -> np.ndarray:
-        return np.isin(idx, np.fromiter(self.bad, np.int64)) if self.bad else np.zeros(len(idx), bool)
-
-    def usable(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(indices with corrupt samples replaced, their sizes). A stand-in is the next sample of
-        the same class, then the next in sample order (the reference loader's rule)."""
-        while True:
-            hw = self.sizes(idx)
-            hit = np.flatnonzero(self._is_bad(idx))
-            if not len(hit):
-                return idx, hw
-            idx = idx.copy()
-            for k in hit:
-                idx[k] = self._stand_in(int(idx[k]))
-
-    def readable(self, idx: np.ndarray) -> np.ndarray:
-        """`idx` without the corrupt samples (evaluation drops them, never replaces them)."""
-        self.sizes(idx)
-        return idx[~self._is_bad(idx)]
-
-    def _stand_in(self, i: int) -> int:
-        same = np.flatnonzero(self.labels == self.labels[i])
-        n = len(self.labels)
-        for j in np.concatenate([same[same > i], same[same < i], (np.arange(1, n) + i) % n]):
-            if int(j) not in self.bad:
-                return int(j)
-        raise DataError(f"{self.split.dir}: no sample decodes. Run `iccl verify {self.split.root}` "
-                        f"and re-convert the dataset.")
-
-
-def _dense(a: np.ndarray, dtype) -> np.ndarray:
-    """C-contiguous `a` as `dtype`: external_source takes no strided arrays (and column picks
-    such as a[:, [1, 0]] come out in Fortran order)."""
-    return np.ascontiguousarray(a, dtype=dtype)
-
-
-def _placement(device: torch.device) -> tuple[str, Optional[int]]:
-    """(decoder device, DALI device_id): nvJPEG on this process's GPU, else the CPU with no GPU
-    at all (device_id=None lets DALI run where CUDA is absent)."""
-    if device.type == "cuda":
-        return "mixed", device.index if device.index is not None else torch.cuda.current_device()
-    return "cpu", None
-
-
-def _build(graph: Callable[[], list], *, batch_size: int, workers: int, device_id, prefetch: int):
-    """Build a pipeline from `graph()`; prefetch > 1 runs it asynchronously, ahead of the caller."""
-    pipe = Pipeline(batch_size=batch_size, num_threads=workers, device_id=device_id,
-                    prefetch_queue_depth=prefetch, exec_async=prefetch > 1,
-                    exec_pipelined=prefetch > 1)
-    with pipe:
-        pipe.set_outputs(*graph())
-    pipe.build()
-    return pipe
-
-
-def _to_torch(out, device: torch.device) -> torch.Tensor:
-    """A copy of a DALI output batch as a torch tensor on `device` (DALI reuses its buffers)."""
-    t = out.as_tensor()
-    if isinstance(t, TensorGPU):
-        dst = torch.empty(t.shape(), dtype=torch.uint8, device=device)
-        feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(device))
-        return dst
-    return torch.from_numpy(np.array(t)).to(device, non_blocking=True)
-
-
-class _DecodeProbe:
-    """Finds the samples DALI's decoder rejects: decode a set at once, bisect it when that fails
-    (or when it is larger than `max_batch`). A failed pipeline is rebuilt: DALI leaves it unusable."""
-
-    def __init__(self, decoder: str, device_id, max_batch: int, workers: int):
-        self._max_batch = max_batch
-        self._args = dict(batch_size=max_batch, workers=workers, device_id=device_id, prefetch=1)
-        self._decoder = decoder
-        self._pipe = None
-
-    def _decodes(self, arrays) -> bool:
-        if self._pipe is None:
-            self._pipe = _build(lambda: [fn.decoders.image(fn.external_source(name="enc", batch=True),
-                                                           device=self._decoder)], **self._args)
-        self._pipe.feed_input("enc", arrays)
-        try:
-            self._pipe.run()
-            return True
-        except RuntimeError:
-            self._pipe = None
-            return False
-
-    def find(self, samples: _Samples, idx: np.ndarray) -> list[int]:
-        idx = np.unique(idx)
-        if not len(idx) or (len(idx) <= self._max_batch and self._decodes(samples.arrays(idx))):
-            return []
-        if len(idx) == 1:
-            return [int(idx[0])]
-        half = len(idx) // 2
-        return self.find(samples, idx[:half]) + self.find(samples, idx[half:])
 
 
 class DaliLoader(TrainLoader):
@@ -189,12 +59,12 @@ class DaliLoader(TrainLoader):
         self.augment, self.seed, self.rank = augment, seed, rank
         self.device, self.workers = torch.device(device), max(1, workers)
         self._batch = self._streams[0][0].local_batch
-        self._samples = _Samples(split, self._count_corrupt)
-        self._decoder, self._device_id = _placement(self.device)
+        self._samples = Samples(split, self._count_corrupt)
+        self._decoder, self._device_id = placement(self.device)
         # Jitter needs each image's mean grey level as an operator argument, which DALI takes only
         # from the CPU: with GPU decoding the factors travel through the pipeline to torch.
         self._jitter_in_torch = augment.kind == "rrc" and augment.jitter > 0 and self._decoder == "mixed"
-        self._probe = _DecodeProbe(self._decoder, self._device_id, 2 * self._batch, self.workers)
+        self._probe = DecodeProbe(self._decoder, self._device_id, 2 * self._batch, self.workers)
         self._pipe = None
 
     def _count_corrupt(self, n: int) -> None:
@@ -212,10 +82,10 @@ class DaliLoader(TrainLoader):
             if self.augment.kind == "pad_crop":
                 # DALI slices in (x, y) order and fills outside the image with zeros: the window's
                 # corner in the unpadded image is its offset in the padded one minus the padding.
-                out.append(_dense((p.offsets[:, [1, 0]] - self.augment.pad).numpy(), np.int32))
+                out.append(dense((p.offsets[:, [1, 0]] - self.augment.pad).numpy(), np.int32))
             else:
                 box = p.boxes.numpy()  # (top, left, height, width)
-                out += [_dense(box[:, [1, 0]], np.float32), _dense(box[:, [3, 2]], np.float32)]
+                out += [dense(box[:, [1, 0]], np.float32), dense(box[:, [3, 2]], np.float32)]
             out.append(p.flip.numpy().astype(np.int32))
             if p.jitter is not None:
                 out.append(p.jitter.numpy())
@@ -230,7 +100,7 @@ class DaliLoader(TrainLoader):
             return self._feed(epoch, step)
 
         self.close()
-        self._pipe = _build(lambda: _train_graph(source, len(self._streams), self.augment,
+        self._pipe = build_pipeline(lambda: _train_graph(source, len(self._streams), self.augment,
                                                  self._decoder, self._jitter_in_torch),
                             batch_size=self._batch, workers=self.workers,
                             device_id=self._device_id, prefetch=PREFETCH)
@@ -255,10 +125,10 @@ class DaliLoader(TrainLoader):
         per = len(outputs) // len(self._streams)
         got = {}
         for k, (_, stream) in enumerate(self._streams):
-            x = _to_torch(outputs[k * per], self.device).permute(0, 3, 1, 2)  # channels_last NCHW
+            x = to_torch(outputs[k * per], self.device).permute(0, 3, 1, 2)  # channels_last NCHW
             if self._jitter_in_torch:
-                x = to_u8(color_jitter(x.float(), _to_torch(outputs[k * per + 2], self.device)))
-            got[stream] = (x, _to_torch(outputs[k * per + 1], self.device))
+                x = to_u8(color_jitter(x.float(), to_torch(outputs[k * per + 2], self.device)))
+            got[stream] = (x, to_torch(outputs[k * per + 1], self.device))
         x_a, y_a = got.get(STREAM_UNIFORM, (None, None))
         x_c, y_c = got.get(STREAM_CLASS_AWARE, (None, None))
         return Batch(x_a, y_a, x_c, y_c)
@@ -351,9 +221,9 @@ class DaliEvalLoader(EvalLoader):
         super().__init__(indices=eval_indices(len(split), rank, world_size), batch_size=batch_size)
         self.spec, self.device, self.workers = spec, torch.device(device), max(1, workers)
         self.skipped = 0
-        self._samples = _Samples(split, self._count_corrupt)
-        self._decoder, self._device_id = _placement(self.device)
-        self._probe = _DecodeProbe(self._decoder, self._device_id, batch_size, self.workers)
+        self._samples = Samples(split, self._count_corrupt)
+        self._decoder, self._device_id = placement(self.device)
+        self._probe = DecodeProbe(self._decoder, self._device_id, batch_size, self.workers)
         self._pipe = None
 
     def _count_corrupt(self, n: int) -> None:
@@ -375,8 +245,8 @@ class DaliEvalLoader(EvalLoader):
                     self._samples.retire(bad)
                     todo = todo[k * self.batch_size:]
                     break
-                yield Batch(_to_torch(x, self.device).permute(0, 3, 1, 2),
-                            _to_torch(y, self.device), None, None)
+                yield Batch(to_torch(x, self.device).permute(0, 3, 1, 2),
+                            to_torch(y, self.device), None, None)
             else:
                 todo = todo[:0]
         self.close()
@@ -398,7 +268,7 @@ class DaliEvalLoader(EvalLoader):
             return [fn.slice(x, start=corner, shape=[self.spec.size] * 2, axis_names="WH"), label]
 
         self.close()
-        self._pipe = _build(graph, batch_size=self.batch_size, workers=self.workers,
+        self._pipe = build_pipeline(graph, batch_size=self.batch_size, workers=self.workers,
                             device_id=self._device_id, prefetch=PREFETCH)
         return self._pipe
 
