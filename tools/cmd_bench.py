@@ -186,6 +186,8 @@ def _register_train(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     p.add_argument("--loader", default="auto", help="loader of the end-to-end variant (default auto)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader threads / workers")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training setting, as in `iccl train` (e.g. w_u_after_warmup=1)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
     p.set_defaults(handler=_train)
 
@@ -201,8 +203,9 @@ def _train(args) -> int:
         raise DataError(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.steps < 1 or args.warmup < 0:
         raise DataError("--steps must be positive and --warmup at least 0")
+    from tools.cmd_train import parse_overrides
     report = run(args.preset, args.data, args.batch_size, args.steps, args.warmup, args.compile,
-                 args.device, variants, args.loader, args.workers)
+                 args.device, variants, args.loader, args.workers, parse_overrides(args.set))
     _print_train(report)
     if args.json:
         write_json(args.json, report)
@@ -214,8 +217,8 @@ def _print_train(report: dict) -> None:
     from rich.table import Table
 
     device = report["device_name"] or f"{report['device']}, {report['threads']} threads"
-    table = Table(title=f"stage-1 step, preset {report['preset']} on {device}"
-                        f"{', compiled' if report['compile'] else ''}")
+    table = Table(title=f"stage-1 step, preset {report['preset']} (w_u after warm-up "
+                        f"{report['w_u_after_warmup']:g}) on {device}{', compiled' if report['compile'] else ''}")
     for name in ("variant", "images/s", "x naive", "ms/step", "warm-up s", "utilisation"):
         table.add_column(name, justify="left" if name == "variant" else "right")
     for r in report["results"]:

@@ -70,7 +70,7 @@ def register(sub) -> None:
     d.set_defaults(handler=cmd_demo)
 
 
-def _overrides(pairs: list[str]) -> dict[str, str]:
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
     from pipeline.errors import DataError
     out = {}
     for pair in pairs:
@@ -94,8 +94,8 @@ def _resolve(args, seed: int | None = None):
         values = load_config_json(saved).to_dict()
         preset, method = values.pop("preset"), values.pop("method")
         values.update({k: v for k, v in explicit.items() if v is not None})
-        return resolve(preset, method, _overrides(args.set), **values)
-    return resolve(args.preset, args.method or "iccl", _overrides(args.set), **explicit)
+        return resolve(preset, method, parse_overrides(args.set), **values)
+    return resolve(args.preset, args.method or "iccl", parse_overrides(args.set), **explicit)
 
 
 def cmd_train(args) -> int:
