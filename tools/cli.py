@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"iccl {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
+    finally:
+        set_quiet(False)  # `main` may be called again in the same process (tests, notebooks)
 
 
 if __name__ == "__main__":
