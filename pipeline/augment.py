@@ -26,6 +26,18 @@ from pipeline.loaders.base import AugmentSpec
 STREAM_UNIFORM = 0
 STREAM_CLASS_AWARE = 1
 
+def sampler_streams(owner: str, augment: AugmentSpec, uniform, class_aware) -> list:
+    """[(sampler, stream id)] of the streams a loader was asked for, checked: at least one, and an
+    augmentation kind every loader implements."""
+    if augment.kind not in ("pad_crop", "rrc"):
+        raise ValueError(f"unknown augmentation kind {augment.kind!r} (pad_crop or rrc)")
+    streams = [(s, k) for s, k in ((uniform, STREAM_UNIFORM), (class_aware, STREAM_CLASS_AWARE))
+               if s is not None]
+    if not streams:
+        raise ValueError(f"{owner} needs at least one of the uniform / class-aware samplers")
+    return streams
+
+
 _RRC_TRIES = 10  # torchvision's RandomResizedCrop attempts before its centre-crop fallback
 
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from nvidia.dali import fn, types
 
-from pipeline.augment import (STREAM_CLASS_AWARE, STREAM_UNIFORM, color_jitter, draw_params,
-                              resized_shape, step_generator, to_u8)
+from pipeline.augment import (STREAM_CLASS_AWARE, STREAM_UNIFORM, color_jitter, draw_params, resized_shape,
+                              sampler_streams, step_generator, to_u8)
 from pipeline.dataset import ShardedSplit
 from pipeline.errors import DataError
 from pipeline.loaders.base import AugmentSpec, Batch, EvalLoader, EvalSpec, TrainLoader
@@ -50,12 +50,7 @@ class DaliLoader(TrainLoader):
                  steps_per_epoch: int, rank: int = 0, world_size: int = 1, device="cpu",
                  workers: int = 2):
         super().__init__(steps_per_epoch=steps_per_epoch)
-        if augment.kind not in ("pad_crop", "rrc"):
-            raise ValueError(f"unknown augmentation kind {augment.kind!r} (pad_crop or rrc)")
-        self._streams = [(s, k) for s, k in ((uniform, STREAM_UNIFORM), (class_aware, STREAM_CLASS_AWARE))
-                         if s is not None]
-        if not self._streams:
-            raise ValueError("DaliLoader needs at least one of the uniform / class-aware samplers")
+        self._streams = sampler_streams("DaliLoader", augment, uniform, class_aware)
         self.augment, self.seed, self.rank = augment, seed, rank
         self.device, self.workers = torch.device(device), max(1, workers)
         self._batch = self._streams[0][0].local_batch

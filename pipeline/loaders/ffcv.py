@@ -39,7 +39,8 @@ from ffcv.pipeline.state import State
 from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
-from pipeline.augment import STREAM_CLASS_AWARE, STREAM_UNIFORM, pad_crop_flip, step_generator
+from pipeline.augment import (STREAM_CLASS_AWARE, STREAM_UNIFORM, pad_crop_flip, sampler_streams,
+                              step_generator)
 from pipeline.dataset import ShardedSplit
 from pipeline.errors import DataError
 from pipeline.format import beton_name
@@ -203,12 +204,7 @@ class FfcvLoader(TrainLoader):
                  steps_per_epoch: int, rank: int = 0, world_size: int = 1, device="cpu",
                  workers: int = 2):
         super().__init__(steps_per_epoch=steps_per_epoch)
-        if augment.kind not in ("pad_crop", "rrc"):
-            raise ValueError(f"unknown augmentation kind {augment.kind!r} (pad_crop or rrc)")
-        self._streams = [(s, k) for s, k in ((uniform, STREAM_UNIFORM), (class_aware, STREAM_CLASS_AWARE))
-                         if s is not None]
-        if not self._streams:
-            raise ValueError("FfcvLoader needs at least one of the uniform / class-aware samplers")
+        self._streams = sampler_streams("FfcvLoader", augment, uniform, class_aware)
         self.augment, self.seed, self.rank = augment, seed, rank
         self.device = torch.device(device)
         self._batch = self._streams[0][0].local_batch
