@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.atomic import write_json
 from pipeline.codecs import encode_jpeg, encode_png
@@ -48,3 +49,28 @@ def make_converted(out: Path, splits: dict[str, tuple[list[np.ndarray], np.ndarr
 def random_images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def smooth_images(n: int, h: int, w: int, seed: int) -> list[np.ndarray]:
+    """Gradients plus mild noise: JPEG keeps them close, so decoders agree within a few levels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = []
+    for _ in range(n):
+        a, b, c = rng.uniform(0.5, 3, 3)
+        base = np.stack([a * yy, b * xx, c * (yy + xx)], -1) + rng.uniform(0, 60, 3)
+        out.append(np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8))
+    return out
+
+
+def np_pad_crop(img, pad, top, left, size, flip):
+    """The pad-crop-flip recipe, written out per sample."""
+    h, w, _ = img.shape
+    padded = np.zeros((h + 2 * pad, w + 2 * pad, 3), np.uint8)
+    padded[pad:pad + h, pad:pad + w] = img
+    out = padded[top:top + size, left:left + size]
+    return out[:, ::-1] if flip else out
+
+
+def hwc(x: torch.Tensor) -> np.ndarray:
+    return x.permute(0, 2, 3, 1).numpy()

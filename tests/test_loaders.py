@@ -12,17 +12,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from helpers import make_converted, random_images
-from pipeline.augment import (STREAM_CLASS_AWARE, STREAM_UNIFORM, center_crop_resize, color_jitter,
-                              crop_flip_gather, draw_params, nhwc, pad_crop_flip, pad_nhwc,
-                              random_resized_crop_params, resized_crop, step_generator)
+from helpers import hwc, make_converted, np_pad_crop, random_images, smooth_images
+from pipeline.augment import STREAM_CLASS_AWARE, STREAM_UNIFORM, draw_params, step_generator
 from pipeline.dataset import ShardedSplit
 from pipeline.errors import DataError
 from pipeline.loaders import (AugmentSpec, EvalSpec, choose_loader, make_eval_loader, make_train_loader)
-from pipeline.loaders.reference import (ReferenceEvalLoader, ReferenceLoader, _TrainSteps, color_jitter_np,
-                                        eval_transform)
+from pipeline.loaders.reference import ReferenceEvalLoader, ReferenceLoader, _TrainSteps
 from pipeline.loaders.resident import ResidentEvalLoader, ResidentLoader
 from pipeline.samplers import ClassAwareSampler, UniformSampler
 
@@ -39,18 +35,6 @@ def _labels(counts, seed=0):
     return labels[np.random.default_rng(seed).permutation(len(labels))]
 
 
-def _smooth_images(n: int, h: int, w: int, seed: int) -> list[np.ndarray]:
-    """Gradients plus mild noise: JPEG keeps them close, so decoders agree within a few levels."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    out = []
-    for _ in range(n):
-        a, b, c = rng.uniform(0.5, 3, 3)
-        base = np.stack([a * yy, b * xx, c * (yy + xx)], -1) + rng.uniform(0, 60, 3)
-        out.append(np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8))
-    return out
-
-
 @pytest.fixture(scope="module")
 def png32(tmp_path_factory):
     labels = _labels(COUNTS)
@@ -65,8 +49,8 @@ def png32(tmp_path_factory):
 def jpg(tmp_path_factory):
     labels = _labels([30, 14, 4], seed=1)
     root = make_converted(tmp_path_factory.mktemp("jpg"), {
-        "train": (_smooth_images(len(labels), 48, 64, seed=3), labels),
-        "test": (_smooth_images(11, 48, 64, seed=4), np.arange(11) % 3),
+        "train": (smooth_images(len(labels), 48, 64, seed=3), labels),
+        "test": (smooth_images(11, 48, 64, seed=4), np.arange(11) % 3),
     }, num_classes=3, ext="jpg", shard_size=16, quality=90)
     return root
 
@@ -86,125 +70,11 @@ def _loader(name, split, augment=PAD_CROP, workers=0, rank=0, world_size=1, batc
                                device="cpu", workers=workers, **kw), uni, aware
 
 
-def _np_pad_crop(img, pad, top, left, size, flip):
-    """The pad-crop-flip recipe, written out per sample."""
-    h, w, _ = img.shape
-    padded = np.zeros((h + 2 * pad, w + 2 * pad, 3), np.uint8)
-    padded[pad:pad + h, pad:pad + w] = img
-    out = padded[top:top + size, left:left + size]
-    return out[:, ::-1] if flip else out
-
-
 def _expected_pad_crop(split, idx, epoch, step, stream, rank=0):
     imgs = [split.decode(int(i)) for i in idx]
     p = draw_params(PAD_CROP, len(idx), 32, 32, step_generator(SEED, epoch, step, rank, stream))
-    return np.stack([_np_pad_crop(im, PAD_CROP.pad, *map(int, p.offsets[b]), PAD_CROP.size, bool(p.flip[b]))
+    return np.stack([np_pad_crop(im, PAD_CROP.pad, *map(int, p.offsets[b]), PAD_CROP.size, bool(p.flip[b]))
                      for b, im in enumerate(imgs)])
-
-
-def _hwc(x: torch.Tensor) -> np.ndarray:
-    return nhwc(x).numpy()
-
-
-# --- augment ops ---------------------------------------------------------------------------------
-def test_crop_flip_gather_matches_per_sample_numpy():
-    x = torch.from_numpy(np.stack(random_images(5, 8, seed=3)))  # NHWC
-    offsets = torch.tensor([[0, 0], [4, 4], [2, 3], [4, 0], [1, 4]])
-    flip = torch.tensor([False, True, True, False, True])
-    idx = torch.tensor([4, 0, 2, 2, 1])
-    out = crop_flip_gather(pad_nhwc(x, 2), idx, offsets, flip, 8)
-    assert out.shape == (5, 3, 8, 8) and out.is_contiguous(memory_format=torch.channels_last)
-    for b in range(5):
-        want = _np_pad_crop(x[idx[b]].numpy(), 2, *offsets[b].tolist(), 8, bool(flip[b]))
-        np.testing.assert_array_equal(_hwc(out)[b], want)
-    # The centred crop without flip is the image itself; with flip, its mirror.
-    flips = torch.tensor([False, True, False, True, False])
-    centre = crop_flip_gather(pad_nhwc(x, 2), torch.arange(5), torch.full((5, 2), 2), flips, 8)
-    np.testing.assert_array_equal(_hwc(centre)[0], x[0].numpy())
-    np.testing.assert_array_equal(_hwc(centre)[1], x[1].numpy()[:, ::-1])
-
-
-def test_pad_crop_flip_deterministic_and_in_range():
-    x = torch.from_numpy(np.stack(random_images(64, 6, seed=4))).permute(0, 3, 1, 2)
-    a = pad_crop_flip(x, 2, step_generator(0, 1, 2, 0, STREAM_UNIFORM))
-    b = pad_crop_flip(x, 2, step_generator(0, 1, 2, 0, STREAM_UNIFORM))
-    c = pad_crop_flip(x, 2, step_generator(0, 1, 3, 0, STREAM_UNIFORM))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    p = draw_params(AugmentSpec(size=6, pad=2), 4000, 6, 6, step_generator(0, 0, 0, 0, 0))
-    assert p.offsets.min() == 0 and p.offsets.max() == 4  # every offset 0..2*pad reachable
-    assert 0.45 < p.flip.float().mean() < 0.55
-    no_flip = draw_params(AugmentSpec(size=6, pad=2, flip=False), 100, 6, 6, step_generator(0, 0, 0, 0, 0))
-    assert not no_flip.flip.any()
-
-
-def _torchvision_rrc(h, w, scale, ratio, target, log_r, u):
-    """torchvision's RandomResizedCrop.get_params as a loop, fed the same uniforms."""
-    area = h * w
-    for t in range(10):
-        ta = area * (scale[0] + (scale[1] - scale[0]) * target[t])
-        ar = np.exp(np.log(ratio[0]) + (np.log(ratio[1]) - np.log(ratio[0])) * log_r[t])
-        cw, ch = int(round(np.sqrt(ta * ar))), int(round(np.sqrt(ta / ar)))
-        if 0 < cw <= w and 0 < ch <= h:
-            return int(u[0] * (h - ch + 1)), int(u[1] * (w - cw + 1)), ch, cw
-    in_ratio = w / h
-    if in_ratio < min(ratio):
-        cw, ch = w, int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        ch, cw = h, int(round(h * max(ratio)))
-    else:
-        cw, ch = w, h
-    return (h - ch) // 2, (w - cw) // 2, ch, cw
-
-
-@pytest.mark.parametrize("h,w,scale,ratio", [(48, 64, (0.08, 1.0), (3 / 4, 4 / 3)),
-                                             (20, 90, (0.9, 1.0), (3 / 4, 4 / 3)),  # fallbacks
-                                             (90, 20, (0.9, 1.0), (3 / 4, 4 / 3)),
-                                             (30, 30, (0.5, 1.0), (0.5, 2.0))])
-def test_random_resized_crop_params_match_torchvision_algorithm(h, w, scale, ratio):
-    n = 300
-    boxes = random_resized_crop_params(n, h, w, scale, ratio, torch.Generator().manual_seed(5))
-    g = torch.Generator().manual_seed(5)  # replay the same uniforms in the documented order
-    target = torch.rand((n, 10), generator=g, dtype=torch.float64).numpy()
-    log_r = torch.rand((n, 10), generator=g, dtype=torch.float64).numpy()
-    u = torch.rand((n, 2), generator=g, dtype=torch.float64).numpy()
-    want = [_torchvision_rrc(h, w, scale, ratio, target[i], log_r[i], u[i]) for i in range(n)]
-    np.testing.assert_array_equal(boxes.numpy(), np.array(want))
-    top, left, bh, bw = boxes.T
-    assert (top >= 0).all() and (left >= 0).all() and (top + bh <= h).all() and (left + bw <= w).all()
-
-
-def test_resized_crop_matches_pillow_when_enlarging():
-    """Without shrinking, bilinear needs no antialiasing: grid_sample and Pillow agree to 1 level."""
-    imgs = _smooth_images(6, 20, 30, seed=6)
-    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)
-    boxes = torch.tensor([[0, 0, 20, 30], [3, 5, 10, 12], [10, 20, 10, 10], [0, 0, 5, 7],
-                          [7, 1, 13, 29], [2, 2, 16, 16]])
-    flip = torch.tensor([False, True, False, True, False, False])
-    out = _hwc(resized_crop(x, boxes, 32, flip).round().to(torch.uint8))
-    for b, im in enumerate(imgs):
-        t, l, bh, bw = boxes[b].tolist()
-        want = np.asarray(Image.fromarray(im).resize((32, 32), Image.BILINEAR, box=(l, t, l + bw, t + bh)))
-        want = want[:, ::-1] if flip[b] else want
-        assert np.abs(out[b].astype(int) - want).max() <= 1, b
-
-
-def test_color_jitter_tensor_matches_numpy():
-    x = torch.from_numpy(np.stack(_smooth_images(4, 9, 7, seed=8))).permute(0, 3, 1, 2).float()
-    f = torch.tensor([[1.2, 0.8, 1.3], [0.7, 1.3, 0.6], [1.0, 1.0, 1.0], [1.4, 0.6, 0.0]])
-    out = _hwc(color_jitter(x, f))
-    for b in range(4):
-        np.testing.assert_allclose(out[b], color_jitter_np(_hwc(x)[b], f[b].numpy()), atol=1e-3)
-    np.testing.assert_allclose(out[2], _hwc(x)[2], atol=1e-4)  # factors of 1 change nothing
-
-
-def test_center_crop_resize_matches_pillow():
-    imgs = _smooth_images(3, 48, 64, seed=9)
-    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-    out = center_crop_resize(x, 28, 32)
-    assert out.shape == (3, 3, 28, 28) and out.is_contiguous(memory_format=torch.channels_last)
-    for b, im in enumerate(imgs):
-        assert np.abs(_hwc(out)[b].astype(int) - eval_transform(im, EvalSpec(28, 32))).max() <= 2
-    assert torch.equal(center_crop_resize(x[:, :, :32, :32], 32, 32), x[:, :, :32, :32])
 
 
 # --- training loaders ----------------------------------------------------------------------------
@@ -223,7 +93,7 @@ def test_train_batches_contract_and_pad_crop_semantics(png32, name):
             assert x.is_contiguous(memory_format=torch.channels_last)
             idx = sampler.batch(2, step)
             assert y.dtype == torch.int64 and torch.equal(y, torch.from_numpy(split.labels[idx]))
-            np.testing.assert_array_equal(_hwc(x), _expected_pad_crop(split, idx, 2, step, stream))
+            np.testing.assert_array_equal(hwc(x), _expected_pad_crop(split, idx, 2, step, stream))
     loader.close()
     loader.close()
 
@@ -298,7 +168,7 @@ def test_eval_covers_every_sample_once_across_ranks(png32, jpg, name):
             for b in batches:
                 assert b.x_a.is_contiguous(memory_format=torch.channels_last) and b.x_c is None
                 assert b.x_a.shape[1:] == (3, spec.size, spec.size)
-            xs += [_hwc(b.x_a) for b in batches]
+            xs += [hwc(b.x_a) for b in batches]
             ys += [b.y_a for b in batches]
         np.testing.assert_array_equal(torch.cat(ys).numpy(), split.labels)
         images = np.concatenate(xs)
@@ -374,7 +244,7 @@ def test_corrupt_image_is_replaced_and_counted(png32, tmp_path, name):
     for step, b in enumerate(batches):  # a replacement comes from the same class: labels still match
         assert torch.equal(b.y_a, torch.from_numpy(split.labels[uni.batch(0, step)]))
         assert torch.equal(b.y_c, torch.from_numpy(split.labels[aware.batch(0, step)]))
-    replaced = _hwc(batches[1].x_a)[3]
+    replaced = hwc(batches[1].x_a)[3]
     assert replaced.any()  # real pixels of another image, not a blank
     loader.close()
     ev = EVAL_LOADERS[name](split, spec=EvalSpec(), batch_size=16, device="cpu", workers=0)
