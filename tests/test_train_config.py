@@ -68,5 +68,6 @@ def test_cosine_schedule():
 def test_changing_epochs_keeps_the_recipe_shape():
     c = resolve("cifar10-lt", epochs=50)
     assert (c.warmup_epochs, c.lr_steps, c.lr_warmup_epochs) == (25, (30, 40), 5)
+    assert resolve("imagenet-lt", epochs=30).warmup_epochs == 15  # cosine: no steps to scale
     c = resolve("cifar10-lt", epochs=50, overrides={"warmup_epochs": "10"})
     assert c.warmup_epochs == 10 and c.lr_steps == (30, 40)

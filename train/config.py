@@ -162,7 +162,8 @@ def resolve(preset: str, method: str = "iccl", overrides: dict[str, str] | None 
         # A shorter or longer run keeps the recipe's shape: T_w and the lr steps scale with it.
         f = epochs / values["epochs"]
         values["warmup_epochs"] = round(values["warmup_epochs"] * f)
-        values["lr_steps"] = tuple(round(s * f) for s in values["lr_steps"])
+        if "lr_steps" in values:  # cosine presets have no steps
+            values["lr_steps"] = tuple(round(s * f) for s in values["lr_steps"])
     values.update({k: v for k, v in explicit.items() if v is not None})
     cfg = Config(**values)
     for key, text in (overrides or {}).items():
