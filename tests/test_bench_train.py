@@ -39,9 +39,12 @@ def test_naive_and_fused_losses_are_identical():
 def test_bench_train_cli_json(tmp_path):
     from tools.cli import main
     out = tmp_path / "b.json"
-    assert main(["-q", "bench", "train", "--preset", "synthetic-lt", "--batch-size", "16", "--steps", "2",
-                 "--warmup", "1", "--variants", "naive,fused", "--json", str(out)]) == 0
+    import numpy as np
+    from helpers import make_converted, random_images
+    data = make_converted(tmp_path / "d", {"train": (random_images(64, 32), np.arange(64) % 4)}, 4)
+    assert main(["-q", "bench", "train", "--preset", "synthetic-lt", "--data", str(data), "--batch-size", "16",
+                 "--steps", "2", "--warmup", "1", "--loader", "reference", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert [r["variant"] for r in report["results"]] == ["naive", "fused"]
+    assert [r["variant"] for r in report["results"]] == ["naive", "fused", "end-to-end"]
     for r in report["results"]:
         assert r["images_per_s"] > 0 and r["ratio_to_naive"] > 0 and 0 < r["utilisation"]

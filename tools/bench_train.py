@@ -144,7 +144,7 @@ def run(preset: str, data: str | None, batch_size: int | None, steps: int, warmu
     cfg.warmup_epochs = 0  # measure the interpolative (two-stream) step, the one that dominates
     if "end-to-end" in variants and not data:
         raise_needs_data()
-    ctx = build_context(cfg, Path(tempfile.mkdtemp())) if data else bench_context(cfg, device)
+    ctx = build_context(cfg, Path(tempfile.mkdtemp()), with_eval=False) if data else bench_context(cfg, device)
     num_classes = ctx.train.num_classes if data else 100
     n = cfg.batch_size
     batch = random_batch(n, cfg.image_size, num_classes, device)

@@ -32,7 +32,7 @@ class Context:
     device: torch.device
     dist: DistInfo
     train: ShardedSplit
-    eval: ShardedSplit
+    eval: ShardedSplit | None
     metrics: MetricsLog
     amp_dtype: torch.dtype | None
     _loaders: dict = field(default_factory=dict)
@@ -108,7 +108,8 @@ def _seed_of(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
 
 
-def build_context(cfg: Config, run_dir: Path) -> Context:
+def build_context(cfg: Config, run_dir: Path, with_eval: bool = True) -> Context:
+    """`with_eval` False: no evaluation split is needed (benchmarks)."""
     device = pick_device(cfg.device)
     dist = init_from_env(device)
     if device.type == "cpu":
@@ -116,10 +117,12 @@ def build_context(cfg: Config, run_dir: Path) -> Context:
     if not cfg.data:
         raise DataError("no dataset: pass --data DIR (a folder written by `iccl convert`)")
     train = ShardedSplit(cfg.data, cfg.train_split)
-    if cfg.eval_split not in train.meta["splits"]:
-        raise DataError(f"{cfg.data}: no {cfg.eval_split!r} split to evaluate on (it has "
-                        f"{sorted(train.meta['splits'])}); pass --set eval_split=NAME")
-    eval_split = ShardedSplit(cfg.data, cfg.eval_split)
+    eval_split = None
+    if with_eval:
+        if cfg.eval_split not in train.meta["splits"]:
+            raise DataError(f"{cfg.data}: no {cfg.eval_split!r} split to evaluate on (it has "
+                            f"{sorted(train.meta['splits'])}); pass --set eval_split=NAME")
+        eval_split = ShardedSplit(cfg.data, cfg.eval_split)
     run_dir.mkdir(parents=True, exist_ok=True)
     return Context(cfg=cfg, run_dir=run_dir, device=device, dist=dist, train=train, eval=eval_split,
                    metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main),
