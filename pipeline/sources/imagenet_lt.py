@@ -18,7 +18,7 @@ from pipeline.errors import DataError
 from pipeline.sources.base import Source, SourceSplit
 from pipeline.sources.lists import (
     absolute_items, check_folders_exist, check_train_covers_classes, class_names_from_folders,
-    parent_folders, read_list,
+    parent_folders, read_list_folder,
 )
 
 LIST_FILES = {"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt", "test": "ImageNet_LT_test.txt"}
@@ -32,19 +32,8 @@ def load_imagenet_lt(root: Path, lists: Path) -> Source:
     if not root.is_dir():
         raise DataError(f"{root}: no such folder. Pass the ImageNet root "
                         f"(the folder holding train/ and val/).")
-    if not lists.is_dir():
-        raise DataError(f"{lists}: no such folder. Pass the folder holding {LIST_FILES['train']} "
-                        f"and the val/test lists.")
-    if not (lists / LIST_FILES["train"]).is_file():
-        raise DataError(f"{lists / LIST_FILES['train']} is missing. Download the ImageNet-LT lists "
-                        f"(from the classifier-balancing / OLTR repositories) into {lists}.")
-
-    parsed, notes = {}, []
-    for split, name in LIST_FILES.items():
-        if (lists / name).is_file():
-            parsed[split] = read_list(lists / name)
-        else:
-            notes.append(f"{name} not found in {lists}: no {split} split")
+    parsed, notes = read_list_folder(lists, LIST_FILES, f"Download the ImageNet-LT lists (from the "
+                                     f"classifier-balancing / OLTR repositories) into {lists}.")
 
     train = parsed["train"]
     num_classes = int(train.labels.max()) + 1

@@ -24,7 +24,7 @@ from pipeline.errors import DataError
 from pipeline.sources.base import Source, SourceSplit
 from pipeline.sources.lists import (
     absolute_items, check_folders_exist, check_train_covers_classes,
-    class_names_from_folders, is_absolute, parent_folders, read_list,
+    class_names_from_folders, is_absolute, parent_folders, read_list_folder,
 )
 
 JSON_FILES = {"train": "train2018.json", "val": "val2018.json"}
@@ -157,17 +157,8 @@ def _json_entries(path: Path, doc: dict, label_of: dict[int, int]):
 # ---- split lists ---------------------------------------------------------------------------------
 
 def _from_lists(root: Path, lists: Path) -> Source:
-    if not lists.is_dir():
-        raise DataError(f"{lists}: no such folder. Pass the folder holding {LIST_FILES['train']}.")
-    if not (lists / LIST_FILES["train"]).is_file():
-        raise DataError(f"{lists / LIST_FILES['train']} is missing. Put the iNaturalist 2018 lists "
-                        f"(from the classifier-balancing repository) in {lists}.")
-    parsed, notes = {}, []
-    for split, name in LIST_FILES.items():
-        if (lists / name).is_file():
-            parsed[split] = read_list(lists / name)
-        else:
-            notes.append(f"{name} not found in {lists}: no val split")
+    parsed, notes = read_list_folder(lists, LIST_FILES, f"Put the iNaturalist 2018 lists (from the "
+                                     f"classifier-balancing repository) in {lists}.")
 
     train = parsed["train"]
     ids = np.unique(train.labels)  # sorted; every id has training images by construction

@@ -103,6 +103,22 @@ def read_list(path: Path) -> ListFile:
                     np.asarray(numbers, dtype=np.int64), _is_official(path.name, data))
 
 
+def read_list_folder(lists: Path, files: dict[str, str], fetch_hint: str) -> tuple[dict, list[str]]:
+    """The list files of a folder ({split: file name}): the train list is required, the others are
+    read when present and noted when absent. Returns ({split: ListFile}, notes)."""
+    if not lists.is_dir():
+        raise DataError(f"{lists}: no such folder. Pass the folder holding {files['train']}.")
+    if not (lists / files["train"]).is_file():
+        raise DataError(f"{lists / files['train']} is missing. {fetch_hint}")
+    parsed, notes = {}, []
+    for split, name in files.items():
+        if (lists / name).is_file():
+            parsed[split] = read_list(lists / name)
+        else:
+            notes.append(f"{name} not found in {lists}: no {split} split")
+    return parsed, notes
+
+
 def is_absolute(rel: str) -> bool:
     """POSIX or Windows absolute path (joined to a root, it would silently replace the root)."""
     return rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":")
