@@ -14,10 +14,9 @@ from train.runner import new_network, prepare
 from train.steps import LossWeights, stage1_loss
 
 
-def test_naive_and_fused_losses_are_identical():
-    """Batch norm in eval mode (running statistics): then one fused forward over [x_a; x_mix] and two
-    separate forwards are the same computation, and host float32 mixing equals the on-device one."""
-    cfg = resolve("cifar10-lt", overrides={"w_u_after_warmup": "0.5"})
+def losses(amp: str) -> tuple[float, float]:
+    """(naive loss, fused loss) on the same inputs, the fused one under `amp`."""
+    cfg = resolve("cifar10-lt", overrides={"w_u_after_warmup": "0.5", "amp": amp})
     device = torch.device("cpu")
     ctx = bench_context(cfg, device)
     batch = random_batch(8, 32, 10, device, seed=3)
@@ -30,9 +29,25 @@ def test_naive_and_fused_losses_are_identical():
         want, _ = naive.loss(batch.x_a, batch.y_a, batch.x_c, batch.y_c, lam)
         fused_net = prepare(new_network(cfg, 10), ctx).eval()  # same seed: same weights, channels_last
         x_a, x_mix = ctx.mix(batch.x_a, batch.x_c, lam)
-        got, _ = stage1_loss(fused_net, bank.centroids, "iccl", x_a, batch.y_a, x_mix, batch.y_c, lam,
-                             LossWeights(w_u=0.5, w_il=cfg.w_il, tau=cfg.tau))
-    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        with ctx.autocast():
+            got, _ = stage1_loss(fused_net, bank.centroids, "iccl", x_a, batch.y_a, x_mix, batch.y_c, lam,
+                                 LossWeights(w_u=0.5, w_il=cfg.w_il, tau=cfg.tau))
+    return want.item(), got.item()
+
+
+def test_naive_and_fused_losses_are_identical():
+    """Batch norm in eval mode (running statistics): then one fused forward over [x_a; x_mix] and two
+    separate forwards are the same computation, and host float32 mixing equals the on-device one."""
+    want, got = losses("fp32")
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_bf16_autocast_loss_is_close_to_fp32():
+    """The fused step under bf16 autocast (the default on CUDA and on CPUs with native bf16): bf16 keeps
+    8 bits of mantissa, so a loss of ~O(1) summed over a few hundred logits stays within 2%."""
+    want, got = losses("bf16")
+    assert got != want  # autocast really ran in bf16
+    assert got == pytest.approx(want, rel=2e-2)
 
 
 @pytest.mark.slow
@@ -48,3 +63,5 @@ def test_bench_train_cli_json(tmp_path):
     assert [r["variant"] for r in report["results"]] == ["naive", "fused", "end-to-end"]
     for r in report["results"]:
         assert r["images_per_s"] > 0 and r["ratio_to_naive"] > 0 and 0 < r["utilisation"]
+    assert report["results"][0]["dtype"] == "float32"  # the baseline never autocasts
+    assert {r["dtype"] for r in report["results"][1:]} == {report["autocast"] or "float32"}

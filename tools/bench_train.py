@@ -4,7 +4,8 @@ Variants, measured in one run on the same model and the same inputs:
   naive       what a paper codebase does: mixing on the host in float32, two separate forward passes
               (uniform and interpolative), NCHW, no autocast, no compilation;
   fused       our step (train.stage1.Stage1.train_step): on-device mixing fused with normalisation,
-              one forward over [x_a; x_mix], channels_last, autocast where it helps (bf16 on CUDA),
+              one forward over [x_a; x_mix], channels_last, autocast where it helps (bf16 on CUDA and on CPUs with native
+              bf16 instructions, see pipeline.device),
               compiled with --compile;
   end-to-end  the fused step fed by the real loader (decode + augment + transfer included).
 Warm-up steps are excluded (compilation time is reported on its own); CUDA is synchronised before the
@@ -23,7 +24,7 @@ import torch
 
 from model.centroids import CentroidBank
 from model.losses import (interpolative_ce, interpolative_centroid_contrastive, uniform_ce)
-from pipeline.device import pick_device
+from pipeline.device import autocast_dtype, pick_device
 from pipeline.loaders.base import Batch
 from pipeline.progress import progress
 from train.config import resolve
@@ -35,6 +36,11 @@ from train.stage1 import Stage1
 
 
 VARIANTS = ("naive", "fused", "end-to-end")
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """"bfloat16", ...; None (no autocast) is "float32"."""
+    return str(dtype or torch.float32).removeprefix("torch.")
 
 
 def sync(device: torch.device) -> None:
@@ -81,10 +87,9 @@ class NaiveStage1:
 
 def bench_context(cfg, device) -> Context:
     """A context without datasets, for the variants fed with ready-made batches."""
-    from pipeline.device import autocast_dtype
     return Context(cfg=cfg, run_dir=Path(tempfile.gettempdir()), device=device, dist=DistInfo(),
                    train=None, eval=None, metrics=MetricsLog(Path(os.devnull), enabled=False),
-                   amp_dtype=autocast_dtype(device))
+                   amp_dtype=autocast_dtype(device, cfg.amp))
 
 
 def random_batch(n: int, size: int, num_classes: int, device, seed: int = 0) -> Batch:
@@ -95,10 +100,11 @@ def random_batch(n: int, size: int, num_classes: int, device, seed: int = 0) -> 
     return Batch(x(), y(), x(), y())
 
 
-def matmul_flops(device, n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of a large float32 matmul: the machine's practical peak for this comparison."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def matmul_flops(device, dtype: torch.dtype | None = None, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of a large matmul in `dtype` (None: float32), the machine's practical peak for a step
+    computing in that dtype."""
+    a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+    b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
     a @ b
     best = float("inf")
     for _ in range(3):  # the best of three windows: a peak, not an average over interruptions
@@ -150,7 +156,10 @@ def run(preset: str, data: str | None, batch_size: int | None, steps: int, warmu
     batch = random_batch(n, cfg.image_size, num_classes, device)
     lam = ctx.lambdas(0, 0, n)
     results = []
-    peak = matmul_flops(device)
+    fused_dtype = autocast_dtype(device, cfg.amp)
+    # Each variant is measured against the peak of the dtype its convolutions run in.
+    peaks = {"naive": matmul_flops(device)}
+    peaks["fused"] = peaks["end-to-end"] = matmul_flops(device, fused_dtype) if fused_dtype else peaks["naive"]
 
     # FLOPs per variant, counted on eager steps: they differ where a branch needs no backward (with
     # w^u = 0 the naive step never back-propagates its clean forward; the fused one must, because
@@ -168,7 +177,8 @@ def run(preset: str, data: str | None, batch_size: int | None, steps: int, warmu
             per_step, warm_s = time_steps(step, steps, warmup, device, task)
         results.append({"variant": name, "images_per_s": 2 * n / per_step, "step_ms": 1000 * per_step,
                         "warmup_s": round(warm_s, 2), "batch_size": n, "images_per_step": 2 * n,
-                        "flops_per_step": flops[name], "utilisation": flops[name] / per_step / peak})
+                        "flops_per_step": flops[name], "utilisation": flops[name] / per_step / peaks[name],
+                        "dtype": dtype_name(fused_dtype if name != "naive" else None)})
 
     if "naive" in variants:
         measure("naive", lambda: naive.train_step(batch, lam))
@@ -186,7 +196,9 @@ def run(preset: str, data: str | None, batch_size: int | None, steps: int, warmu
         r["ratio_to_naive"] = r["images_per_s"] / base if base else None
     return {"results": results, "preset": preset, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "matmul_flops_per_s": peak, "w_u_after_warmup": cfg.w_u_after_warmup, "compile": cfg.compile, "threads": torch.get_num_threads(),
+            "matmul_flops_per_s": {"float32": peaks["naive"], "autocast": peaks["fused"]},
+            "autocast": dtype_name(fused_dtype), "w_u_after_warmup": cfg.w_u_after_warmup,
+            "compile": cfg.compile, "threads": torch.get_num_threads(),
             "torch": torch.__version__}
 
 

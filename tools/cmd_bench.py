@@ -157,11 +157,13 @@ variants:
   naive       a paper codebase's step: mixing on the host in float32, two forward passes (uniform,
               interpolative), NCHW, no autocast, no compilation
   fused       ours: on-device mixing fused with normalisation, one forward over [x_a; x_mix],
-              channels_last, bf16 autocast on CUDA, compiled with --compile
+              channels_last, autocast as in training (bf16 on CUDA and on CPUs with native bf16
+              instructions; --set amp=fp32 to compare without it), compiled with --compile
   end-to-end  fused, fed by the real loader from --data (decode, augment, transfer included)
 naive and fused run on the same ready-made batch, so they measure the step alone; end-to-end shows
 whether the pipeline keeps up (ideal: the same images/s as fused). utilisation = FLOPs of the step
-(torch's flop counter) x steps/s over the FLOP/s of a 2048^3 matmul measured in the same run.
+(torch's flop counter) x steps/s over the FLOP/s of a 2048^3 matmul in the dtype the variant
+computes in (the "dtype" column), measured in the same run.
 
 examples:
   iccl bench train --preset cifar10-lt --data data/cifar10-lt-100 --json train.json
@@ -219,10 +221,10 @@ def _print_train(report: dict) -> None:
     device = report["device_name"] or f"{report['device']}, {report['threads']} threads"
     table = Table(title=f"stage-1 step, preset {report['preset']} (w_u after warm-up "
                         f"{report['w_u_after_warmup']:g}) on {device}{', compiled' if report['compile'] else ''}")
-    for name in ("variant", "images/s", "x naive", "ms/step", "warm-up s", "utilisation"):
-        table.add_column(name, justify="left" if name == "variant" else "right")
+    for name in ("variant", "dtype", "images/s", "x naive", "ms/step", "warm-up s", "utilisation"):
+        table.add_column(name, justify="left" if name in ("variant", "dtype") else "right")
     for r in report["results"]:
         ratio = r["ratio_to_naive"]
-        table.add_row(r["variant"], f"{r['images_per_s']:,.0f}", f"{ratio:.2f}" if ratio else "-",
+        table.add_row(r["variant"], r["dtype"], f"{r['images_per_s']:,.0f}", f"{ratio:.2f}" if ratio else "-",
                       f"{r['step_ms']:.1f}", f"{r['warmup_s']:.1f}", f"{100 * r['utilisation']:.1f}%")
     Console().print(table)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, fields
 
+from pipeline.device import AMP_MODES
 from pipeline.errors import DataError
 
 
@@ -65,6 +66,7 @@ class Config:
     s2_reinit_classifier: bool = False  # ICCL starts from the stage-1 classifier; cRT re-initialises
     # performance and bookkeeping
     compile: bool = False
+    amp: str = "auto"              # autocast: auto (bf16 on CUDA and on CPUs with native bf16), bf16, fp32
     channels_last: bool = True
     device: str = "auto"
     eval_every: int = 0            # evaluate every N epochs (0: only at the end of each stage)
@@ -191,6 +193,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"s2_beta={cfg.s2_beta} must be in [0, 1]")
     if cfg.alpha <= 0 or cfg.tau <= 0:
         problems.append("alpha and tau must be > 0")
+    if cfg.amp not in AMP_MODES:
+        problems.append(f"amp={cfg.amp!r}: use {', '.join(AMP_MODES)}")
     if problems:
         raise DataError("invalid configuration: " + "; ".join(problems))
 

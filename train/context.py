@@ -126,4 +126,4 @@ def build_context(cfg: Config, run_dir: Path, with_eval: bool = True) -> Context
     run_dir.mkdir(parents=True, exist_ok=True)
     return Context(cfg=cfg, run_dir=run_dir, device=device, dist=dist, train=train, eval=eval_split,
                    metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main),
-                   amp_dtype=autocast_dtype(device))
+                   amp_dtype=autocast_dtype(device, cfg.amp))
