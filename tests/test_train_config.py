@@ -71,3 +71,12 @@ def test_changing_epochs_keeps_the_recipe_shape():
     assert resolve("imagenet-lt", epochs=30).warmup_epochs == 15  # cosine: no steps to scale
     c = resolve("cifar10-lt", epochs=50, overrides={"warmup_epochs": "10"})
     assert c.warmup_epochs == 10 and c.lr_steps == (30, 40)
+
+
+def test_list_settings_needs_no_run_directory(capsys):
+    from tools.cli import main
+    assert main(["train", "--preset", "cifar10-lt", "--list-settings"]) == 0
+    settings = dict(line.split(" = ", 1) for line in capsys.readouterr().out.splitlines())
+    assert settings["arch"] == "resnet32" and settings["amp"] == "auto"
+    assert main(["train", "--preset", "cifar10-lt"]) == 2  # training does need --out
+    assert "--out DIR is required" in capsys.readouterr().err

@@ -31,7 +31,8 @@ def register(sub) -> None:
     p.add_argument("--preset", help="cifar10-lt, cifar100-lt, imagenet-lt, inat2018 or synthetic-lt "
                                     "(not needed to resume)")
     p.add_argument("--data", help="dataset folder written by `iccl convert`")
-    p.add_argument("--out", required=True, type=Path, help="run directory (created, or resumed)")
+    p.add_argument("--out", type=Path, help="run directory (created, or resumed); required except with "
+                                           "--list-settings")
     p.add_argument("--method", choices=("iccl", "ce"), default=None,
                    help="iccl (default), or ce: plain cross-entropy then cRT, on the same machinery")
     p.add_argument("--epochs", type=int, help="stage-1 epochs; T_w (warmup_epochs) and lr_steps scale "
@@ -84,12 +85,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 def _resolve(args, seed: int | None = None):
     from pipeline.errors import DataError
     from train.config import load_config_json, resolve
-    saved = args.out / "config.json"
+    if args.out is None and args.preset is None:
+        raise DataError("pass --preset NAME (or --out RUN_DIR of an existing run)")
+    saved = args.out / "config.json" if args.out else None
     explicit = dict(data=str(Path(args.data).resolve()) if args.data else None, epochs=args.epochs,
                     batch_size=args.batch_size, lr=args.lr, seed=seed if seed is not None else args.seed,
                     loader=args.loader, workers=args.workers, device=args.device, compile=args.compile)
     if args.preset is None:
-        if not saved.is_file():
+        if not (saved and saved.is_file()):
             raise DataError(f"{args.out}: no run to resume there; pass --preset and --data to start one.")
         values = load_config_json(saved).to_dict()
         preset, method = values.pop("preset"), values.pop("method")
@@ -106,6 +109,9 @@ def cmd_train(args) -> int:
         for k, v in cfg.to_dict().items():
             print(f"{k} = {v}")
         return 0
+    if args.out is None:
+        from pipeline.errors import DataError
+        raise DataError("--out DIR is required: the run directory to create (or to resume)")
     if args.seeds:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         reports = []
