@@ -18,9 +18,10 @@ Convert CIFAR-10/100 to its long-tailed version, then train CE (whose stage 2 is
 ICCL, by many / medium / few, beside the paper's numbers. Everything lands in --out and every
 part resumes: rerun the same command after an interruption.
 
-The default is the reduced budget that fits a 2-core CPU in about an hour: {REDUCED_EPOCHS} stage-1
-epochs (T_w = 30, lr x0.01 at 36 and 48, 5 warm-up epochs), 10 stage-2 epochs; --full runs the
-paper's recipe (200 epochs, T_w = 100, steps at 120 and 160): a GPU job."""
+The default is the reduced budget that fits a 2-core CPU in 40-60 minutes per seed (the lower end on
+CPUs with native bf16): {REDUCED_EPOCHS} stage-1 epochs (T_w = 30, lr x0.01 at 36 and 48, 5 warm-up
+epochs), 10 stage-2 epochs. --full runs the paper's recipe (200 epochs, T_w = 100, steps at 120
+and 160): a GPU job."""
 
 
 def register(sub) -> None:
