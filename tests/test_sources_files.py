@@ -219,6 +219,16 @@ def test_inat_json_errors(tmp_path):
     (root / "val2018.json").write_text(json.dumps(doc))
     with pytest.raises(DataError, match=r"val2018\.json: images\[2\] .* has no annotation"):
         load_inat2018(root)
+    doc = json.loads((root / "train2018.json").read_text())
+    del doc["annotations"][2]["category_id"]
+    (root / "val2018.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"val2018\.json: annotations\[2\] lacks image_id or category_id"):
+        load_inat2018(root)
+    doc["images"][1] = {"id": doc["images"][1]["id"]}
+    del doc["annotations"][2]
+    (root / "val2018.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"val2018\.json: images\[1\] lacks id or file_name"):
+        load_inat2018(root)
     (root / "val2018.json").write_text("{not json")
     with pytest.raises(DataError, match=r"val2018\.json: not valid JSON"):
         load_inat2018(root)

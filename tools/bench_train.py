@@ -4,9 +4,8 @@ Variants, measured in one run on the same model and the same inputs:
   naive       what a paper codebase does: mixing on the host in float32, two separate forward passes
               (uniform and interpolative), NCHW, no autocast, no compilation;
   fused       our step (train.stage1.Stage1.train_step): on-device mixing fused with normalisation,
-              one forward over [x_a; x_mix], channels_last, autocast where it helps (bf16 on CUDA and on CPUs with native
-              bf16 instructions, see pipeline.device),
-              compiled with --compile;
+              one forward over [x_a; x_mix], channels_last, autocast where it helps (bf16 on CUDA and
+              on CPUs with native bf16 instructions, see pipeline.device), compiled with --compile;
   end-to-end  the fused step fed by the real loader (decode + augment + transfer included).
 Warm-up steps are excluded (compilation time is reported on its own); CUDA is synchronised before the
 clock is read. Utilisation = achieved FLOP/s (FLOPs of one step counted by torch's flop counter)
@@ -156,7 +155,7 @@ def run(preset: str, data: str | None, batch_size: int | None, steps: int, warmu
     batch = random_batch(n, cfg.image_size, num_classes, device)
     lam = ctx.lambdas(0, 0, n)
     results = []
-    fused_dtype = autocast_dtype(device, cfg.amp)
+    fused_dtype = ctx.amp_dtype
     # Each variant is measured against the peak of the dtype its convolutions run in.
     peaks = {"naive": matmul_flops(device)}
     peaks["fused"] = peaks["end-to-end"] = matmul_flops(device, fused_dtype) if fused_dtype else peaks["naive"]

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.errors import DataError
+
 TRAIN_EXAMPLES = """\
 examples:
   iccl train --preset cifar10-lt --data data/cifar10-lt-100 --out runs/iccl
@@ -72,7 +74,6 @@ def register(sub) -> None:
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
-    from pipeline.errors import DataError
     out = {}
     for pair in pairs:
         if "=" not in pair:
@@ -83,7 +84,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 
 
 def _resolve(args, seed: int | None = None):
-    from pipeline.errors import DataError
     from train.config import load_config_json, resolve
     if args.out is None and args.preset is None:
         raise DataError("pass --preset NAME (or --out RUN_DIR of an existing run)")
@@ -110,7 +110,6 @@ def cmd_train(args) -> int:
             print(f"{k} = {v}")
         return 0
     if args.out is None:
-        from pipeline.errors import DataError
         raise DataError("--out DIR is required: the run directory to create (or to resume)")
     if args.seeds:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

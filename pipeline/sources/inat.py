@@ -24,7 +24,7 @@ from pipeline.errors import DataError
 from pipeline.sources.base import Source, SourceSplit
 from pipeline.sources.lists import (
     absolute_items, check_folders_exist, check_train_covers_classes,
-    class_names_from_folders, is_absolute, parent_folders, read_list_folder,
+    class_names_from_folders, is_absolute, parent_folders, read_list_folder, read_split_files,
 )
 
 JSON_FILES = {"train": "train2018.json", "val": "val2018.json"}
@@ -52,12 +52,7 @@ def load_inat2018(root: Path, lists: Path | None = None) -> Source:
 # ---- official JSON annotations -------------------------------------------------------------------
 
 def _from_json(root: Path) -> Source:
-    docs, notes = {}, []
-    for split, name in JSON_FILES.items():
-        if (root / name).is_file():
-            docs[split] = _read_json(root / name)
-        else:
-            notes.append(f"{name} not found in {root}: no val split")
+    docs, notes = read_split_files(root, JSON_FILES, _read_json)
 
     train_path = root / JSON_FILES["train"]
     ids, names = _categories(train_path, docs["train"])
@@ -110,15 +105,19 @@ def _categories(path: Path, doc: dict) -> tuple[list[int], list[str]]:
     return ids, [by_id[cid] for cid in ids]
 
 
+def _fields(path: Path, where: str, item, keys: tuple[str, ...]) -> tuple:
+    """item[key] for each key, or a clear error naming the file and the entry."""
+    try:
+        return tuple(item[k] for k in keys)
+    except (KeyError, TypeError):
+        raise DataError(f"{path}: {where} lacks {' or '.join(keys)}. Use the official annotation file.") from None
+
+
 def _json_entries(path: Path, doc: dict, label_of: dict[int, int]):
     """(relative paths, labels, origins) of the images of one annotation file, in its image order."""
     category_of: dict = {}
     for j, ann in enumerate(doc["annotations"]):
-        try:
-            image_id, category_id = ann["image_id"], ann["category_id"]
-        except (KeyError, TypeError):
-            raise DataError(f"{path}: annotations[{j}] lacks image_id or category_id. "
-                            f"Use the official annotation file.") from None
+        image_id, category_id = _fields(path, f"annotations[{j}]", ann, ("image_id", "category_id"))
         if image_id in category_of:
             raise DataError(f"{path}: annotations[{j}] is a second annotation of image {image_id}; "
                             f"iNaturalist has one per image. Use the official annotation file.")
@@ -126,11 +125,7 @@ def _json_entries(path: Path, doc: dict, label_of: dict[int, int]):
 
     relpaths, labels, origins = [], [], []
     for i, image in enumerate(doc["images"]):
-        try:
-            image_id, file_name = image["id"], image["file_name"]
-        except (KeyError, TypeError):
-            raise DataError(f"{path}: images[{i}] lacks id or file_name. "
-                            f"Use the official annotation file.") from None
+        image_id, file_name = _fields(path, f"images[{i}]", image, ("id", "file_name"))
         if image_id not in category_of:
             raise DataError(f"{path}: images[{i}] ({file_name}) has no annotation. "
                             f"Use the official annotation file.")

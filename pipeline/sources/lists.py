@@ -110,12 +110,18 @@ def read_list_folder(lists: Path, files: dict[str, str], fetch_hint: str) -> tup
         raise DataError(f"{lists}: no such folder. Pass the folder holding {files['train']}.")
     if not (lists / files["train"]).is_file():
         raise DataError(f"{lists / files['train']} is missing. {fetch_hint}")
+    return read_split_files(lists, files, read_list)
+
+
+def read_split_files(folder: Path, files: dict[str, str], read) -> tuple[dict, list[str]]:
+    """`read(path)` of each split's file that is present in `folder`, and a note for each absent one:
+    ({split: what read returned}, notes)."""
     parsed, notes = {}, []
     for split, name in files.items():
-        if (lists / name).is_file():
-            parsed[split] = read_list(lists / name)
+        if (folder / name).is_file():
+            parsed[split] = read(folder / name)
         else:
-            notes.append(f"{name} not found in {lists}: no {split} split")
+            notes.append(f"{name} not found in {folder}: no {split} split")
     return parsed, notes
 
 
