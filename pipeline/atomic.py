@@ -43,3 +43,29 @@ def remove_stale_tmp(folder: Path) -> None:
     """Delete temporary files a killed process left behind (they are never complete)."""
     for p in folder.glob(".*.tmp-*"):
         p.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path` to fill; when the block exits cleanly it is renamed to
+    `path`, so `path` only ever holds a complete set of files. An existing `path` must be empty
+    unless `replace` (then the old folder is removed once the new one is in place). On an error
+    the temporary folder is removed and `path` is left as it was."""
+    import shutil
+    path = Path(path)
+    tmp = tmp_name(path)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):  # on disk before the rename makes them visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists() and replace and any(path.iterdir()):
+            os.replace(path, old)
+        os.replace(tmp, path)  # onto a missing or empty folder: one atomic rename
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

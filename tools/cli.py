@@ -10,14 +10,16 @@ from pipeline.errors import DataError
 from pipeline.progress import set_quiet
 
 # module -> what it adds; order is the order `iccl --help` lists them in.
-COMMAND_MODULES = ("tools.cmd_data", "tools.cmd_train", "tools.cmd_reproduce", "tools.cmd_bench")
+COMMAND_MODULES = ("tools.cmd_data", "tools.cmd_train", "tools.cmd_predict", "tools.cmd_reproduce",
+                   "tools.cmd_bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iccl",
         description="Interpolative centroid contrastive learning (ICCL) for long-tailed recognition: "
-                    "convert a dataset once, train both stages, evaluate, and measure throughput.",
+                    "convert a dataset once, train both stages, evaluate, predict, export, and "
+                    "measure throughput.",
         epilog="Run `iccl demo` for a complete run on built-in synthetic data, "
                "`iccl COMMAND --help` for the options of a command.",
     )

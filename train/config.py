@@ -74,6 +74,7 @@ class Config:
     checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch this often (long ImageNet epochs)
     log_every: int = 50            # steps between metric lines
     sync_bn: bool = False          # SyncBatchNorm across processes (off: the usual per-GPU statistics)
+    tensorboard: bool = False      # also write the metrics as TensorBoard events in RUN/tensorboard
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,6 +20,7 @@ from pipeline.loaders.base import AugmentSpec, EvalSpec, TrainLoader
 from pipeline.mixing import mix_normalize, normalize, sample_lambda
 from train.config import Config
 from train.distributed import DistInfo, init_from_env
+from train.inference import autocast_for
 from train.metrics import MetricsLog
 
 _LAMBDA_STREAM = 7  # keeps the lambda draws independent of the samplers' and augmentation's streams
@@ -81,6 +82,7 @@ class Context:
         for loader in self._loaders.values():
             loader.close()
         self._loaders.clear()
+        self.metrics.close()
 
     # --- on-device preparation --------------------------------------------------------------
     def normalize(self, x_u8: torch.Tensor) -> torch.Tensor:
@@ -100,8 +102,7 @@ class Context:
         return mix_normalize(x_a_u8, x_c_u8, lam, self.cfg.mean, self.cfg.std)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                              enabled=self.amp_dtype is not None)
+        return autocast_for(self.device, self.amp_dtype)
 
 
 def _seed_of(*parts: int) -> int:
@@ -125,5 +126,6 @@ def build_context(cfg: Config, run_dir: Path, with_eval: bool = True) -> Context
         eval_split = ShardedSplit(cfg.data, cfg.eval_split)
     run_dir.mkdir(parents=True, exist_ok=True)
     return Context(cfg=cfg, run_dir=run_dir, device=device, dist=dist, train=train, eval=eval_split,
-                   metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main),
+                   metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main,
+                                      tensorboard_dir=run_dir / "tensorboard" if cfg.tensorboard else None),
                    amp_dtype=autocast_dtype(device, cfg.amp))

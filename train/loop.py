@@ -54,8 +54,8 @@ def run_epochs(ctx, stage, start_epoch: int, start_step: int,
                             f"(--set lr=...) or rerun this command to retry from that checkpoint.")
                     now = time.monotonic()
                     rate = n_since * stage.images_per_step * ctx.dist.world_size / max(now - t_log, 1e-9)
-                    ctx.metrics.write(stage=stage.name, epoch=epoch, step=step + 1, loss=value, lr=lr,
-                                      images_per_s=round(rate, 1), skipped_images=loader.skipped)
+                    ctx.metrics.write(stage=stage.name, epoch=epoch, step=step + 1, steps=steps, loss=value,
+                                      lr=lr, images_per_s=round(rate, 1), skipped_images=loader.skipped)
                     epoch_losses.append((value, n_since))
                     loss_sum.zero_()
                     n_since, t_log = 0, now

@@ -3,15 +3,17 @@
 Run directory:
     config.json     the resolved config (a resumed run must not change what it trains)
     checkpoint.pt   the latest state (stage, epoch, step, weights, centroids, optimiser)
-    stage1.pt       the stage-1 model (the distillation teacher, and `iccl eval --stage 1`)
+    stage1.pt       the stage-1 model (the distillation teacher, and `iccl eval --stage 1`) and centroids
     final.pt        the model after classifier rebalancing
     metrics.jsonl   training metrics and evaluations, one JSON object per line
     report.json     the evaluations at the end of each stage
+    *.png           per_class, weight_norms, curves (train/plots.py), after the final evaluation
 """
 from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,13 +27,15 @@ from train.config import Config, load_config_json
 from train.context import Context, build_context
 from train.distributed import barrier
 from train.evaluate import evaluate
+from train.inference import classify, place, saved_model_path
 from train.loop import run_epochs
+from train.plots import draw_run
 from train.stage1 import Stage1
 from train.stage2 import Stage2
 
 # Settings that may differ when a run is resumed: they change how fast it runs, not what it learns.
 RESUMABLE_CHANGES = {"data", "loader", "workers", "device", "compile", "eval_every", "eval_batch_size",
-                     "checkpoint_minutes", "log_every"}
+                     "checkpoint_minutes", "log_every", "tensorboard"}
 
 
 def check_resume_config(run_dir: Path, cfg: Config) -> None:
@@ -53,17 +57,11 @@ def new_network(cfg: Config, num_classes: int) -> ICCLNet:
 
 
 def prepare(net: ICCLNet, ctx: Context) -> ICCLNet:
-    net = net.to(ctx.device)
-    if ctx.cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    return net
+    return place(net, ctx.device, ctx.cfg.channels_last)
 
 
 def predictor(ctx: Context, net: ICCLNet):
-    def predict(x_u8):
-        with ctx.autocast():
-            return net.classifier(net.encoder(ctx.normalize(x_u8))).float()
-    return predict
+    return partial(classify, net, mean=ctx.cfg.mean, std=ctx.cfg.std, autocast=ctx.autocast)
 
 
 def run_eval(ctx: Context, net: ICCLNet) -> dict:
@@ -135,7 +133,8 @@ def _train(ctx: Context) -> dict:
         report["stage1"] = run_eval(ctx, net)
         ctx.metrics.write(stage="stage1", event="eval", epoch=cfg.epochs - 1, **_short(report["stage1"]))
         if ctx.dist.is_main:
-            checkpoint.save(run_dir / "stage1.pt", _model_file(cfg, ctx, net))
+            checkpoint.save(run_dir / "stage1.pt",  # the centroids feed weight_norms.png
+                            {**_model_file(cfg, ctx, net), "centroids": bank.centroids.cpu()})
             write_json(report_path, report)
             checkpoint.save(ckpt_path, {"stage": 2, "epoch": 0, "step": 0, "num_classes": ctx.num_classes,
                                         "config": cfg.to_dict(), "net": net.state_dict()})
@@ -157,6 +156,7 @@ def _train(ctx: Context) -> dict:
         if ctx.dist.is_main:
             checkpoint.save(run_dir / "final.pt", _model_file(cfg, ctx, net))
             write_json(report_path, report)
+            draw_run(run_dir, report["stage2"], ctx.train.class_counts, "stage 2 (rebalanced)")
             checkpoint.save(ckpt_path, {"stage": "done", "epoch": 0, "step": 0,
                                         "num_classes": ctx.num_classes, "config": cfg.to_dict(),
                                         "net": net.state_dict()})
@@ -189,13 +189,7 @@ def _short(result: dict) -> dict:
 def evaluate_run(run_dir: Path, stage: int = 2, data: str | None = None, loader: str | None = None) -> dict:
     """Evaluate the saved model of a run (final.pt, or stage1.pt with stage=1) on its eval split."""
     run_dir = Path(run_dir)
-    path = run_dir / ("final.pt" if stage == 2 else "stage1.pt")
-    if not (run_dir / "config.json").is_file():
-        raise DataError(f"{run_dir}: not a run directory (no config.json). Pass the --out of `iccl train`.")
-    if not path.is_file():
-        raise DataError(f"{path}: missing; stage {stage} of this run has not finished. Resume it with "
-                        f"`iccl train --out {run_dir}`.")
-    saved = checkpoint.load(path)
+    saved = checkpoint.load(saved_model_path(run_dir, stage))
     cfg = Config.from_dict(saved["config"])
     cfg.data = data or cfg.data
     cfg.loader = loader or cfg.loader
@@ -204,6 +198,9 @@ def evaluate_run(run_dir: Path, stage: int = 2, data: str | None = None, loader:
         _check_data(ctx, saved)
         net = prepare(new_network(cfg, ctx.num_classes), ctx)
         net.load_state_dict(saved["net"])
-        return run_eval(ctx, net)
+        result = run_eval(ctx, net)
+        if ctx.dist.is_main:
+            draw_run(run_dir, result, ctx.train.class_counts, f"stage {stage}")
+        return result
     finally:
         ctx.close()
