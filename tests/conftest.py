@@ -18,3 +18,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not present at {SHARED_DATA} (only beside the development checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(tmp_path_factory) -> dict:
+    """One tiny finished run shared by the tests of predict, export, pictures and TensorBoard
+    (`helpers.train_tiny_run`; ~10-40 s on 2 busy cores, so its users are marked slow)."""
+    from helpers import train_tiny_run
+    return train_tiny_run(tmp_path_factory.mktemp("tiny-run"))

@@ -74,3 +74,33 @@ def np_pad_crop(img, pad, top, left, size, flip):
 
 def hwc(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
+
+
+K = 4  # classes of `train_tiny_run`
+
+
+def train_tiny_run(root: Path) -> dict:
+    """A finished ICCL run (default amp, TensorBoard on) on a 4-class 32-px dataset (train counts
+    24 / 12 / 8 / 4, 16 test images), and a folder of image files: two 32-px PNGs (one nested), a
+    48x40 JPEG (resized by the eval transform), a corrupt file, a hidden file and a text file."""
+    from PIL import Image
+    from train.config import resolve
+    from train.runner import train
+    data = make_converted(root / "data", {
+        "train": (random_images(48, 32, seed=1), np.repeat(np.arange(K), [24, 12, 8, 4])),
+        "test": (random_images(16, 32, seed=2), np.arange(16) % K)}, K)
+    cfg = resolve("synthetic-lt", "iccl", {"lr_warmup_epochs": "0", "lr_steps": "1", "checkpoint_minutes": "0",
+                                           "tensorboard": "true"},
+                  data=str(data), epochs=2, warmup_epochs=1, batch_size=16, s2_epochs=1, loader="resident",
+                  workers=0, log_every=1, eval_batch_size=16)
+    report = train(cfg, root / "run")
+    photos = root / "photos"
+    (photos / "b" / "nested").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(photos / "a.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(photos / "b" / "nested" / "c.png")
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(photos / "wide.jpg", quality=95)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
+    (photos / ".hidden.png").write_bytes(b"skipped")
+    (photos / "notes.txt").write_text("not an image")
+    return {"root": root, "data": data, "run": root / "run", "photos": photos, "report": report}

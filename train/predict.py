@@ -111,7 +111,7 @@ def images_under(folder: Path) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # os.walk descends these
         found += [Path(dirpath) / n for n in sorted(filenames)
                   if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
-    return found
+    return sorted(found)  # by path components: a folder's files and subfolders interleave by name
 
 
 def converted_split(path: Path, eval_split: str) -> tuple[Path, str] | None:
