@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from train import checkpoint, metrics
-from train.plots import (count_bands, curve_data, draw_curves, draw_per_class, draw_run, draw_weight_norms,
+from train.plots import (count_bands, curve_data, draw_curves, draw_per_class, draw_weight_norms,
                          per_class_data, weight_norm_data)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

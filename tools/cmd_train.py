@@ -21,7 +21,9 @@ lr, weight decay, augmentation, T_w, stage 2). The learning rate scales linearly
 (the preset's lr is for its own batch size). Any setting can be changed with --set KEY=VALUE
 (repeatable); `iccl train --list-settings` shows them all with the preset's values.
 A run directory holds config.json, metrics.jsonl, checkpoints and report.json; pointing
-`iccl train` at an existing run resumes it exactly where it stopped.
+`iccl train` at an existing run resumes it exactly where it stopped. After the final evaluation
+it also holds per_class.png, weight_norms.png and curves.png; --set tensorboard=true also writes
+the metrics as TensorBoard events in RUN/tensorboard. Then: `iccl predict`, `iccl export`.
 """
 
 
@@ -55,7 +57,8 @@ def register(sub) -> None:
 
     e = sub.add_parser("eval", help="evaluate a trained run (overall, many / medium / few)",
                        description="Evaluate the final model of a run (or its stage-1 model) on the "
-                                   "evaluation split of its dataset and print the table.")
+                                   "evaluation split of its dataset, print the table and redraw the run's "
+                                   "per_class.png (from this evaluation), weight_norms.png and curves.png.")
     e.add_argument("--run", required=True, type=Path, help="run directory made by `iccl train`")
     e.add_argument("--stage", type=int, choices=(1, 2), default=2, help="2: after rebalancing (default)")
     e.add_argument("--data", help="dataset folder, if it moved since training")

@@ -156,10 +156,10 @@ def _train(ctx: Context) -> dict:
         if ctx.dist.is_main:
             checkpoint.save(run_dir / "final.pt", _model_file(cfg, ctx, net))
             write_json(report_path, report)
-            draw_run(run_dir, report["stage2"], ctx.train.class_counts, "stage 2 (rebalanced)")
             checkpoint.save(ckpt_path, {"stage": "done", "epoch": 0, "step": 0,
                                         "num_classes": ctx.num_classes, "config": cfg.to_dict(),
                                         "net": net.state_dict()})
+            draw_run(run_dir, report["stage2"], ctx.train.class_counts, "stage 2 (rebalanced)")
         barrier()
     return report
 
