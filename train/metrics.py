@@ -9,10 +9,13 @@ TensorBoard tags and x-axes (its steps are integers):
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
 from pathlib import Path
+
+from pipeline.errors import DataError
 
 _STEP_SCALARS = ("loss", "lr", "images_per_s")
 _EVAL_SCALARS = ("top1", "many", "medium", "few")
@@ -23,6 +26,9 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
         self.tensorboard_dir = tensorboard_dir
         self._writer = None
+        if enabled and tensorboard_dir is not None and importlib.util.find_spec("tensorboard") is None:
+            raise DataError("--set tensorboard=true needs the tensorboard package: `pip install tensorboard` "
+                            "(or `pip install -e .` in this project), or drop the setting.")
 
     def write(self, **record) -> None:
         if not self.enabled:
