@@ -10,8 +10,11 @@ Reproducibility: DALI's own random operators are not used. Crop windows, flips a
 come from `step_generator(seed, epoch, step, rank, stream)`, exactly as in the other loaders, so a
 run resumed mid-epoch gets the same samples AND the same augmentation parameters, and DALI crops
 the same windows as the resident and reference loaders. Pixels agree with those loaders up to the
-resampling filter (DALI's antialiased bilinear resize) and, for jitter on the CPU, the uint8
-rounding between the contrast and saturation steps. JPEG chroma is upsampled the same way on the
+resampling filter (DALI's antialiased bilinear resize) and, for jitter done by DALI's operators
+(CPU decoding), a brightness not clamped before the contrast step and a uint8 rounding before the
+saturation step (a level or two where the brightened image saturates). With GPU decoding, or
+`jitter_in_torch=True`, the jitter is `pipeline.augment.color_jitter` in torch, as in the resident
+loader. JPEG chroma is upsampled the same way on the
 GPU and the CPU (`dali_support.decoder_args`), so GPU-decoded training images and CPU-decoded ones
 differ only by the decoders' arithmetic rounding.
 
