@@ -316,7 +316,7 @@ def test_gpu_decoders_are_built_with_the_cpu_chroma_upsampling(monkeypatch):
 
     import pipeline.loaders.dali as dali
     fake = mock.MagicMock()
-    fake.external_source.return_value = [mock.MagicMock() for _ in range(12)]
+    fake.external_source.side_effect = lambda **kw: [mock.MagicMock() for _ in range(kw["num_outputs"])]
     monkeypatch.setattr(dali, "fn", fake)
     dali._train_graph(None, 2, AugmentSpec(kind="rrc", size=24, jitter=0.4), "mixed", True)
     dali._train_graph(None, 2, AugmentSpec(), "mixed", False)
