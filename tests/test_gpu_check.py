@@ -74,7 +74,8 @@ def test_failures_are_rows_not_crashes(tmp_path):
         raise AssertionError("max rel diff 3e-2")
     row = gpu_check.run_step(gpu_check.Step("check", 30, run=broken), 100, tmp_path)
     assert (row.status, row.detail) == ("FAIL", "AssertionError: max rel diff 3e-2")
-    cmd = gpu_check.Step("bench x", 30, commands=[[sys.executable, "-c", "print('boom'); raise SystemExit(3)"]])
+    fails = [sys.executable, "-c", "print('boom'); raise SystemExit(3)"]
+    cmd = gpu_check.Step("bench x", 30, commands=[fails])
     row = gpu_check.run_step(cmd, 100, tmp_path)
     assert row.status == "FAIL" and "exit 3" in row.detail and "boom" in row.detail
 
@@ -84,7 +85,8 @@ def test_table_is_markdown_with_one_row_per_check():
     text = gpu_check.format_table(rows, "GPU check: H200")
     assert text.splitlines() == [
         "### GPU check: H200", "", "| check | result | detail | s |", "|---|---|---|---|",
-        "| NCCL | ok | 1 GPU: one rank, proves nothing about communication (the NCCL set-up path ran) | 2.0 |",
+        "| NCCL | ok | 1 GPU: one rank, proves nothing about communication (the NCCL set-up path ran) "
+        "| 2.0 |",
         "| a|b | FAIL | x y | 0.0 |"]
     assert "2 GPUs" in nccl_detail(2)
 

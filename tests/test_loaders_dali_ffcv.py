@@ -306,7 +306,8 @@ def test_dali_jitter_in_torch_runs_on_cpu_and_matches_jitter_in_dali(jpg_split):
         assert (b.x_a.int() - a.x_a.int()).abs().float().mean() < 2.0
         steps += 1
     assert steps == N_JPG // 8
-    no_jitter, _, _ = train_loader(DaliLoader, jpg_split, AugmentSpec(kind="rrc", size=24), jitter_in_torch=True)
+    no_jitter, _, _ = train_loader(DaliLoader, jpg_split, AugmentSpec(kind="rrc", size=24),
+                                   jitter_in_torch=True)
     assert not no_jitter._jitter_in_torch  # nothing to move to torch
 
 

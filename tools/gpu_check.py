@@ -77,7 +77,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--time-limit", type=float, metavar="S",
                     help="seconds for the whole run (default 480 with --quick, 1800 without)")
     ap.add_argument("--out", type=Path, metavar="DIR",
-                    help="results: the table, JSON, logs, the recipe's run (default $OUT, else a temp folder)")
+                    help="results: the table, JSON, logs, the recipe's run "
+                         "(default $OUT, else a temp folder)")
     ap.add_argument("--work", type=Path, metavar="DIR",
                     help="generated and converted data (default: a temp folder)")
     ap.add_argument("--cifar-source", type=Path, metavar="PATH",
@@ -90,7 +91,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.time_limit <= END_MARGIN_S + MIN_STEP_S:
         ap.error(f"--time-limit {args.time_limit:g}: give at least {END_MARGIN_S + MIN_STEP_S + 1} seconds")
     if args.out is None:
-        args.out = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(tempfile.gettempdir()) / "iccl-gpu-check"
+        default = Path(tempfile.gettempdir()) / "iccl-gpu-check"
+        args.out = Path(os.environ["OUT"]) if os.environ.get("OUT") else default
     if args.work is None:
         args.work = Path(tempfile.gettempdir()) / "iccl-gpu-check-data"
     return args

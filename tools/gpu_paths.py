@@ -39,7 +39,7 @@ def dali_mixed(data: Path) -> str:
     for epoch in (1, 2):
         loader.set_epoch(epoch)
         assert len(list(loader)) == 2
-    builds = loader._pipe.builds
+    builds = loader.pipeline_builds
     loader.close()
     assert builds == 1, f"{builds} pipelines built for 3 passes"
     assert batch.x_a.is_cuda and batch.x_a.dtype == torch.uint8 and batch.x_a.shape == (64, 3, 224, 224)

@@ -24,7 +24,8 @@ def candidates(labels: np.ndarray, i: int) -> np.ndarray:
     """The stand-ins of sample i, in the order they are tried: int64 (<= MAX_STAND_INS,)."""
     same = np.flatnonzero(labels == labels[i])
     n = len(labels)
-    order = np.concatenate([same[same > i], same[same < i], (i + np.arange(1, min(n, MAX_STAND_INS + 1))) % n])
+    following = (i + np.arange(1, min(n, MAX_STAND_INS + 1))) % n
+    order = np.concatenate([same[same > i], same[same < i], following])
     return order[:MAX_STAND_INS]
 
 

@@ -82,6 +82,11 @@ class DaliLoader(TrainLoader):
     def _count_corrupt(self, n: int) -> None:
         self.skipped += n
 
+    @property
+    def pipeline_builds(self) -> int:
+        """DALI pipelines built so far: 1 after any number of passes, +1 per decode failure."""
+        return self._pipe.builds
+
     # --- host side: what DALI is fed for one step ---------------------------------------------
     def _feed(self, epoch: int, step: int) -> list:
         out = []
