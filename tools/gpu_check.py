@@ -146,7 +146,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
               _iccl("train", "--preset", "cifar10-lt", "--data", str(recipe_data), "--out", str(run),
                     "--loader", "resident")]
     return [
-        Step("bench data", cap(45, 240), run=data),
+        Step("bench data", cap(60, 240), run=data),
         Step("DALI mixed decode", cap(25, 60), run=lambda: dali_mixed(photos)),
         Step("bf16 autocast", cap(15, 60), run=bf16_autocast),
         Step("channels_last (TF32 off)", cap(15, 60), run=channels_last),
@@ -161,7 +161,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
                            "--steps", str(steps), "--warmup", "5",
                            "--loader", "resident", "--json", str(out / "bench-train-resnet32.json"))],
              summarise=train_summary("resnet32")),
-        Step("bench train (ResNet-50, 224 px, compiled)", cap(150, 400),
+        Step("bench train (ResNet-50, 224 px, compiled)", cap(135, 400),
              commands=[_iccl("bench", "train", "--preset", "inat2018", "--data", str(photos),
                            "--batch-size", "256", "--steps", str(steps), "--warmup", "5", "--compile",
                            "--loader", "dali", "--json", str(out / "bench-train-resnet50.json"))],
