@@ -94,7 +94,8 @@ def decoder_args(decoder: str) -> dict:
     Pillow and simplejpeg in the other loaders), and libjpeg-turbo's "fancy" (smooth) chroma
     upsampling, which the CPU decoders of every loader use; DALI's GPU (`mixed`) decoder
     otherwise upsamples chroma differently by default, so GPU-decoded training pixels would not
-    match CPU-decoded ones (DALI 2.4, `jpeg_fancy_upsampling`; the CPU backend ignores it)."""
+    match CPU-decoded ones (DALI 2.4 `jpeg_fancy_upsampling`: "make the mixed backend use the same
+    chroma upsampling approach as the cpu one")."""
     return dict(device=decoder, output_type=types.RGB, adjust_orientation=False,
                 jpeg_fancy_upsampling=True)
 
