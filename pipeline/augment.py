@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.device import upload
 from pipeline.loaders.base import AugmentSpec
 
 # Stream ids of `step_generator`: the two image streams never share random numbers, so adding
@@ -163,9 +164,10 @@ def pad_crop_flip(x_u8: torch.Tensor, pad: int, generator: torch.Generator, size
     spec = AugmentSpec(kind="pad_crop", size=size or h, pad=pad, flip=flip)
     p = draw_params(spec, n, h, w, generator)
     dev = x_u8.device
+    # Offsets and flips travel as one small copy, from pinned memory on CUDA (`upload`).
+    params = upload(torch.cat([p.offsets, p.flip[:, None].long()], 1), dev)
     return crop_flip_gather(pad_nhwc(nhwc(x_u8), pad), torch.arange(n, device=dev),
-                            p.offsets.to(dev, non_blocking=True), p.flip.to(dev, non_blocking=True),
-                            spec.size)
+                            params[:, :2], params[:, 2].bool(), spec.size)
 
 
 def resized_crop(x_u8: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,18 @@ def is_cuda(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small host tensor (a step's labels, indices, crop or jitter parameters) on `device`
+    without stalling the host: `non_blocking` copies are asynchronous only from pinned memory (a
+    pageable source may synchronise with the GPU's queue), so on CUDA the tensor is first copied
+    into PyTorch's caching pinned-host allocator (cheap when repeated). On the CPU: the tensor
+    itself, no copy."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 AMP_MODES = ("auto", "bf16", "fp32")
 
 

@@ -72,13 +72,15 @@ def test_photo_mosaic_is_photo_sized():
 def test_bench_pipeline_make_data_photos(tmp_path):
     out = tmp_path / "bench.json"
     data = tmp_path / "photos"
-    args = ["-q", "bench", "pipeline", "--make-data", str(data), "--images", "40", "--steps", "2",
+    args = ["-q", "bench", "pipeline", "--make-data", str(data), "--images", "40", "--steps", "6",
             "--warmup", "1", "--batch-size", "8", "--json", str(out)]
     assert main(args) == 0
     report = json.loads(out.read_text())
-    rows = check_report(report, ["resident", "dali", "ffcv", "reference"], 2, 8)
+    # 40 images at batch 8 are 5 steps an epoch: warm-up + 6 timed steps cross an epoch end.
+    rows = check_report(report, ["resident", "dali", "ffcv", "reference"], 6, 8)
     assert report["augment"]["kind"] == "rrc" and report["decoder"] in ("simplejpeg", "dali-cpu")
     assert rows["dali"]["images_per_s"] and rows["ffcv"]["images_per_s"]
+    assert rows["dali"]["pipeline_builds"] == 1
     # The photos come in several shapes, which the resident loader does not take.
     assert rows["resident"]["images_per_s"] is None and "one size" in rows["resident"]["skipped"]
     assert main(args) == 0  # a rerun reuses the data

@@ -236,6 +236,97 @@ def test_factory_builds_dali_and_ffcv(png_split):
     assert isinstance(ev, DaliEvalLoader) and len(ev) == 2
 
 
+def count_builds(monkeypatch) -> list:
+    """Record every DALI pipeline the loaders build."""
+    import pipeline.loaders.dali_support as support
+    built, real = [], support.build_pipeline
+    monkeypatch.setattr(support, "build_pipeline", lambda graph, **kw: built.append(kw) or real(graph, **kw))
+    return built
+
+
+def assert_same_batches(got, want) -> None:
+    got, want = list(got), list(want)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        for u, v in zip(a, b):
+            assert (u is None and v is None) or torch.equal(u, v)
+
+
+def test_dali_builds_its_pipeline_once_for_every_epoch(png_split, monkeypatch):
+    built = count_builds(monkeypatch)
+    spec = AugmentSpec()
+    loader, _, _ = train_loader(DaliLoader, png_split, spec)
+    epochs = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        epochs.append(list(loader))
+    loader.set_epoch(1)
+    for k, _ in enumerate(loader):  # an unfinished pass (an interrupted run, a benchmark) ...
+        if k == 2:
+            break
+    loader.load_state_dict({"epoch": 2, "step": 3})  # ... then a resume mid-epoch
+    resumed = list(loader)
+    assert len(built) == 1
+    # The old behaviour, a new pipeline for every pass, gives the same images and labels.
+    for epoch in range(3):
+        fresh, _, _ = train_loader(DaliLoader, png_split, spec)
+        fresh.set_epoch(epoch)
+        assert_same_batches(fresh, epochs[epoch])
+    assert_same_batches(resumed, epochs[2][3:])
+    assert len(built) == 4
+
+
+def test_dali_eval_builds_its_pipeline_once(jpg_split, monkeypatch):
+    built = count_builds(monkeypatch)
+    ev = DaliEvalLoader(jpg_split, spec=EvalSpec(size=32, resize=36), batch_size=16)
+    first = list(ev)
+    next(iter(ev))  # an unfinished pass
+    assert_same_batches(ev, first)
+    assert len(built) == 1
+    assert_same_batches(DaliEvalLoader(jpg_split, spec=EvalSpec(size=32, resize=36), batch_size=16), first)
+
+
+def test_dali_jitter_in_torch_runs_on_cpu_and_matches_jitter_in_dali(jpg_split):
+    """The GPU-decoding route (factors through the pipeline, jitter in torch) on CPU decoding."""
+    spec = AugmentSpec(kind="rrc", size=24, jitter=0.4)
+    in_dali, uniform, aware = train_loader(DaliLoader, jpg_split, spec)
+    in_torch, _, _ = train_loader(DaliLoader, jpg_split, spec, jitter_in_torch=True)
+    assert in_torch._jitter_in_torch and not in_dali._jitter_in_torch
+    steps = 0
+    for step, (a, b) in enumerate(zip(in_dali, in_torch)):
+        assert_layout(b.x_a, 8, 24)
+        assert_layout(b.x_c, 8, 24)
+        np.testing.assert_array_equal(b.y_a.numpy(), a.y_a.numpy())
+        np.testing.assert_array_equal(b.y_c.numpy(), jpg_split.labels[aware.batch(0, step)])
+        # The same crops and factors. torch's jitter is the reference's definition (measured mean
+        # difference 0.16-0.22 levels, from resampling); DALI's operators skip the clamp after
+        # brightness and round before saturation (measured 0.3-1.4 from the reference).
+        expected = reference_crops(jpg_split, uniform.batch(0, step), spec, 3, 0, step)
+        assert np.abs(nhwc(b.x_a).astype(int) - expected).mean() < 0.5
+        assert (b.x_a.int() - a.x_a.int()).abs().float().mean() < 2.0
+        steps += 1
+    assert steps == N_JPG // 8
+    no_jitter, _, _ = train_loader(DaliLoader, jpg_split, AugmentSpec(kind="rrc", size=24),
+                                   jitter_in_torch=True)
+    assert not no_jitter._jitter_in_torch  # nothing to move to torch
+
+
+def test_gpu_decoders_are_built_with_the_cpu_chroma_upsampling(monkeypatch):
+    """The `mixed` graphs, built against a recording stand-in for `fn` (no GPU needed)."""
+    from unittest import mock
+
+    import pipeline.loaders.dali as dali
+    fake = mock.MagicMock()
+    fake.external_source.side_effect = lambda **kw: [mock.MagicMock() for _ in range(kw["num_outputs"])]
+    monkeypatch.setattr(dali, "fn", fake)
+    dali._train_graph(None, 2, AugmentSpec(kind="rrc", size=24, jitter=0.4), "mixed", True)
+    dali._train_graph(None, 2, AugmentSpec(), "mixed", False)
+    dali._eval_graph(None, EvalSpec(), "mixed")
+    calls = fake.decoders.image_slice.call_args_list + fake.decoders.image.call_args_list
+    assert len(calls) == 5
+    assert all(c.kwargs["device"] == "mixed" and c.kwargs["jpeg_fancy_upsampling"] is True for c in calls)
+
+
 # --- FFCV ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_ffcv_eval_covers_every_sample_once(png_split, world_size):

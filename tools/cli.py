@@ -47,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         set_quiet(False)  # `main` may be called again in the same process (tests, notebooks)
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group once, when the command ends, however it ends.
+    Groups are only ever made by `train.distributed`, so a command that never loaded it has none
+    (and stays free of the torch import)."""
+    distributed = sys.modules.get("train.distributed")
+    if distributed is not None:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,194 +1,287 @@
-"""Run every GPU-only code path once on a CUDA machine, then both benchmarks; print one table.
+"""Run every GPU-only code path once on a CUDA machine, then the benchmarks and the CIFAR-10-LT
+recipe, within one time limit; print one table.
 
-    python3 tools/gpu_check.py [--out DIR] [--json FILE] [--quick]
+    python3 tools/gpu_check.py --quick                  # ~8 minutes on one H200
+    python3 tools/gpu_check.py --quick --cifar-source cifar-10-python.tar.gz
+    python3 tools/gpu_check.py --dry-run --quick        # the plan and its time budget; no GPU needed
 
-Checks: DALI decoding on the GPU ("mixed") through our loader; bf16 autocast of a train step (loss
-within tolerance of fp32); channels_last (same outputs as NCHW); torch.compile of the fused step
-(compile time, same loss); NCCL all-reduce and the centroid gather with every visible GPU; then
-`iccl bench pipeline` on ImageNet-size JPEGs and `iccl bench train` (naive / fused / end-to-end).
-Each check reports ok / FAIL with its detail instead of stopping the script. Takes a few minutes.
+In order, each step reporting ok / FAIL / timeout / skipped with its detail instead of stopping:
+  1. bench data: ImageNet-size JPEGs and CIFAR-size PNGs (tools/bench_data.py), in --work;
+  2. the GPU paths: DALI decoding on the GPU ("mixed") through our loader; bf16 autocast of a
+     ResNet-50 step (loss within 2% of fp32); channels_last (same logits as NCHW, TF32 off, so
+     the comparison is fp32 against fp32); torch.compile of the fused step (static shapes, same
+     loss as eager); NCCL all-reduce and the centroid gather with every visible GPU (with one
+     GPU that is one rank, and the row says it proves nothing about communication);
+  3. `iccl bench pipeline` on the ImageNet-size JPEGs (every loader, two streams of 128);
+  4. `iccl bench train` for ResNet-32 (cifar10-lt recipe, 32 px) and ResNet-50 (inat2018 recipe,
+     224 px, compiled): naive / fused / end-to-end;
+  5. with the time left: the full CIFAR-10-LT ICCL recipe (200 + 10 epochs, resident loader) on
+     CIFAR-10-LT (R = 100) converted from --cifar-source, or, without it, on synthetic data of
+     the same shape (10 classes, 5,000 down to 50 training images of 32 px; its accuracy is not
+     comparable to the paper's); its wall time and accuracy.
+Steps 3-5 run as `iccl` subprocesses. The time limit (--time-limit, default 480 s with --quick,
+1,800 s without) bounds the whole run: each step gets at most its share and what is left; a step
+cut off is reported as timeout, the ones after it as skipped. Everything (the table as
+gpu-check.md, gpu-check.json, each step's log and JSON report, the recipe's run directory) goes
+to --out: $OUT when that variable is set, else a temporary folder.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import socket
+import signal
+import subprocess
 import sys
 import tempfile
 import time
-import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runnable from a plain checkout
 
 import torch  # noqa: E402
 
+from tools.gpu_paths import bf16_autocast, channels_last, compiled_step, dali_mixed, nccl  # noqa: E402
 
-def _check(rows: list, name: str, fn) -> None:
+DEFAULT_LIMIT_S = {True: 480, False: 1800}  # --quick, full
+END_MARGIN_S = 10  # kept back for the table and the files after the last step
+MIN_STEP_S = 20  # a step is not started with less time than this left
+
+
+@dataclass
+class Row:
+    check: str
+    status: str  # ok | FAIL | timeout | skipped
+    detail: str
+    seconds: float = 0.0
+
+
+@dataclass
+class Step:
+    """One line of the table: `run` (in this process) or `commands` (`iccl` subprocesses, whose
+    JSON reports `summarise` turns into the detail), with at most `share_s` seconds."""
+    name: str
+    share_s: float
+    run: Optional[Callable[[], str]] = None
+    commands: list[list[str]] = field(default_factory=list)  # run in turn, sharing the time
+    summarise: Optional[Callable[[], str]] = None
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="sizes that fit ~8 minutes on one H200")
+    ap.add_argument("--time-limit", type=float, metavar="S",
+                    help="seconds for the whole run (default 480 with --quick, 1800 without)")
+    ap.add_argument("--out", type=Path, metavar="DIR",
+                    help="results: the table, JSON, logs, the recipe's run "
+                         "(default $OUT, else a temp folder)")
+    ap.add_argument("--work", type=Path, metavar="DIR",
+                    help="generated and converted data (default: a temp folder)")
+    ap.add_argument("--cifar-source", type=Path, metavar="PATH",
+                    help="the CIFAR-10 download (as `iccl convert cifar10-lt --source` takes) for the "
+                         "recipe; without it the recipe runs on synthetic data of the same shape")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
+    args = ap.parse_args(argv)
+    if args.time_limit is None:
+        args.time_limit = DEFAULT_LIMIT_S[args.quick]
+    if args.time_limit <= END_MARGIN_S + MIN_STEP_S:
+        ap.error(f"--time-limit {args.time_limit:g}: give at least {END_MARGIN_S + MIN_STEP_S + 1} seconds")
+    if args.out is None:
+        default = Path(tempfile.gettempdir()) / "iccl-gpu-check"
+        args.out = Path(os.environ["OUT"]) if os.environ.get("OUT") else default
+    if args.work is None:
+        args.work = Path(tempfile.gettempdir()) / "iccl-gpu-check-data"
+    return args
+
+
+def _iccl(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tools.cli", "-q", *args]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def plan(args: argparse.Namespace) -> list[Step]:
+    """The steps of this run, in order (module docstring)."""
+    quick, out, work = args.quick, args.out, args.work
+    photos, tiny = work / f"photos-{1000 if quick else 2000}", work / "cifar-size"
+    steps = 10 if quick else 30
+
+    def cap(quick_s: float, full_s: float) -> float:
+        """A step's most seconds: the quick caps (all but the recipe's) sum to 455 s, within
+        the 470 s a 480 s limit leaves, so the recipe always gets what the others leave."""
+        return quick_s if quick else full_s
+
+    def data() -> str:
+        from tools.bench_data import make_bench_data
+        make_bench_data(photos, images=1000 if quick else 2000, workers=os.cpu_count())
+        make_bench_data(tiny, images=10000, tiny=True, workers=os.cpu_count())
+        return f"{photos} (ImageNet-size JPEG), {tiny} (32-px PNG)"
+
+    def pipeline_summary() -> str:
+        r = _read_json(out / "bench-pipeline.json")
+        rows = [f"{x['loader']} {x['images_per_s']:,.0f}/s" for x in r["results"] if x["images_per_s"]]
+        return "; ".join(rows) + f"; decode-only ceiling (CPU) {r['decode_ceiling_images_per_s']:,.0f}/s"
+
+    def train_summary(name: str) -> Callable[[], str]:
+        def summary() -> str:
+            r = _read_json(out / f"bench-train-{name}.json")
+            return "; ".join(f"{x['variant']} {x['images_per_s']:,.0f}/s (x{x['ratio_to_naive']:.2f})"
+                             for x in r["results"]) + f"; {r['autocast']}, compile={r['compile']}"
+        return summary
+
+    recipe_data, run = work / "cifar10-lt-100", out / "recipe-cifar10-lt-iccl"
+    if args.cifar_source:
+        convert = ["convert", "cifar10-lt", "--source", str(args.cifar_source), "--imbalance", "100"]
+    else:
+        recipe_data = work / "synthetic-cifar10-lt-shape"
+        convert = ["convert", "synthetic-lt", "--classes", "10", "--imbalance", "100",
+                   "--max-per-class", "5000", "--test-per-class", "1000"]
+    recipe = [_iccl(*convert, "--out", str(recipe_data)),
+              _iccl("train", "--preset", "cifar10-lt", "--data", str(recipe_data), "--out", str(run),
+                    "--loader", "resident")]
+    return [
+        Step("bench data", cap(60, 240), run=data),
+        Step("DALI mixed decode", cap(25, 60), run=lambda: dali_mixed(photos)),
+        Step("bf16 autocast", cap(15, 60), run=bf16_autocast),
+        Step("channels_last (TF32 off)", cap(15, 60), run=channels_last),
+        Step("torch.compile (static shapes)", cap(75, 180), run=compiled_step),
+        Step("NCCL", cap(25, 60), run=nccl),
+        Step("bench pipeline (ImageNet-size JPEG)", cap(60, 300),
+             commands=[_iccl("bench", "pipeline", "--data", str(photos), "--steps", str(steps),
+                           "--warmup", "3", "--json", str(out / "bench-pipeline.json"))],
+             summarise=pipeline_summary),
+        Step("bench train (ResNet-32, 32 px)", cap(45, 180),
+             commands=[_iccl("bench", "train", "--preset", "cifar10-lt", "--data", str(tiny),
+                           "--steps", str(steps), "--warmup", "5",
+                           "--loader", "resident", "--json", str(out / "bench-train-resnet32.json"))],
+             summarise=train_summary("resnet32")),
+        Step("bench train (ResNet-50, 224 px, compiled)", cap(135, 400),
+             commands=[_iccl("bench", "train", "--preset", "inat2018", "--data", str(photos),
+                           "--batch-size", "256", "--steps", str(steps), "--warmup", "5", "--compile",
+                           "--loader", "dali", "--json", str(out / "bench-train-resnet50.json"))],
+             summarise=train_summary("resnet50")),
+        Step("CIFAR-10-LT ICCL recipe (200 + 10 epochs)", float("inf"),
+             commands=recipe,
+             summarise=lambda: recipe_summary(run, bool(args.cifar_source))),
+    ]
+
+
+def recipe_summary(run: Path, real_data: bool) -> str:
+    """Top-1 (overall / many / medium) at the end of each stage, from the run's report, or how
+    far it got from its metrics log."""
+    report = run / "report.json"
+    what = "CIFAR-10-LT" if real_data else "synthetic data (not comparable to the paper)"
+    if report.is_file() and "stage2" in (r := _read_json(report)):
+        s1, s2 = r["stage1"], r["stage2"]
+        took = r.get("train_seconds_this_session")
+        return (f"{what}: stage 1 {s1['top1']:.2f}, ICCL {s2['top1']:.2f} "
+                f"(many {s2['many']:.2f}, medium {s2['medium']:.2f}; paper 82.1)"
+                + (f"; {took:.0f} s of training" if took else ""))
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+              if '"event": "epoch"' in line] if (run / "metrics.jsonl").is_file() else []
+    last = f"{epochs[-1]['stage']} epoch {epochs[-1]['epoch'] + 1}" if epochs else "no epoch"
+    return f"{what}: stopped after {last}"
+
+
+class _TimeLimit(Exception):
+    pass
+
+
+def _on_alarm(signum, frame):
+    raise _TimeLimit()
+
+
+def run_step(step: Step, left_s: float, out: Path) -> Row:
+    """Run one step with at most min(its share, left_s) seconds."""
+    budget = min(step.share_s, left_s)
+    if budget < MIN_STEP_S:
+        return Row(step.name, "skipped", f"time limit: {left_s:.0f} s left")
     t = time.perf_counter()
     try:
-        detail = fn()
-        rows.append((name, "ok", detail, time.perf_counter() - t))
+        if step.run is not None:
+            signal.signal(signal.SIGALRM, _on_alarm)
+            signal.alarm(max(1, int(budget)))
+            try:
+                detail = step.run()
+            finally:
+                signal.alarm(0)
+        else:
+            log = out / f"{log_name(step.name)}.log"
+            end = time.monotonic() + budget
+            for command in step.commands:
+                with open(log, "a") as f:
+                    f.write(f"$ {' '.join(command)}\n")
+                    f.flush()
+                    proc = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                          env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                          timeout=max(1.0, end - time.monotonic()))
+                if proc.returncode != 0:
+                    tail = log.read_text()[-300:].strip().replace("\n", " | ")
+                    raise RuntimeError(f"exit {proc.returncode}: {tail}")
+            detail = step.summarise() if step.summarise else "ok"
+        return Row(step.name, "ok", detail, time.perf_counter() - t)
+    except (_TimeLimit, subprocess.TimeoutExpired):
+        detail = f"cut off after {budget:.0f} s"
+        if step.summarise is not None:
+            with contextlib.suppress(Exception):
+                detail += f"; {step.summarise()}"
+        return Row(step.name, "timeout", detail, time.perf_counter() - t)
     except Exception as e:  # a failed check is a result to show, not a reason to stop
-        rows.append((name, "FAIL", f"{type(e).__name__}: {e}"[:300], time.perf_counter() - t))
+        import traceback
         traceback.print_exc()
+        return Row(step.name, "FAIL", f"{type(e).__name__}: {e}"[:400], time.perf_counter() - t)
 
 
-def dali_mixed(data: Path) -> str:
-    from pipeline.dataset import ShardedSplit
-    from pipeline.loaders import make_train_loader
-    from pipeline.loaders.base import AugmentSpec
-    split = ShardedSplit(data, "train")
-    loader = make_train_loader(split, loader="dali", batch_size=64, class_aware_gamma=0.0,
-                               augment=AugmentSpec(kind="rrc", size=224, jitter=0.4), seed=0,
-                               device=torch.device("cuda"), workers=4)
-    batch = next(iter(loader))
-    loader.close()
-    assert batch.x_a.is_cuda and batch.x_a.dtype == torch.uint8 and batch.x_a.shape == (64, 3, 224, 224)
-    assert batch.x_a.is_contiguous(memory_format=torch.channels_last)
-    from pipeline.samplers import UniformSampler
-    expected = split.labels[UniformSampler(len(split), 64, seed=0).batch(0, 0)]
-    assert torch.equal(batch.y_a.cpu(), torch.as_tensor(expected))
-    return f"uint8 {tuple(batch.x_a.shape)} channels_last on {batch.x_a.device}, labels match the sampler"
+def log_name(step: str) -> str:
+    """'bench train (ResNet-32, 32 px)' -> 'bench-train-resnet-32-32-px'."""
+    return "-".join("".join(c if c.isalnum() else " " for c in step.lower()).split())
 
 
-def _step_loss(net, x, y, amp: bool):
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        _, logits, _ = net(x)
-        return torch.nn.functional.cross_entropy(logits.float(), y)
+def format_table(rows: list[Row], title: str) -> str:
+    """The rows as a Markdown table (the file written to --out; the terminal gets the same)."""
+    lines = [f"### {title}", "", "| check | result | detail | s |", "|---|---|---|---|"]
+    for r in rows:
+        detail = r.detail.replace("|", "/").replace("\n", " ")
+        lines.append(f"| {r.check} | {r.status} | {detail} | {r.seconds:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
-def bf16_autocast() -> str:
-    from model.network import build_network
-    torch.manual_seed(0)
-    net = build_network("resnet50", 1000, 128).cuda()
-    x, y = torch.randn(32, 3, 224, 224, device="cuda"), torch.randint(0, 1000, (32,), device="cuda")
-    fp32, bf16 = _step_loss(net, x, y, False), _step_loss(net, x, y, True)
-    bf16.backward()
-    rel = abs(fp32.item() - bf16.item()) / abs(fp32.item())
-    assert rel < 2e-2, rel
-    return f"ResNet-50 loss fp32 {fp32.item():.4f} vs bf16 {bf16.item():.4f} (rel {rel:.1e}), backward ok"
-
-
-def channels_last() -> str:
-    from model.network import build_network
-    torch.manual_seed(0)
-    net = build_network("resnext50_32x4d", 1000, 128).cuda().eval()
-    x = torch.randn(16, 3, 224, 224, device="cuda")
-    with torch.no_grad():
-        a = net(x)[1]
-        net = net.to(memory_format=torch.channels_last)
-        b = net(x.contiguous(memory_format=torch.channels_last))[1]
-    err = (a - b).abs().max().item() / a.abs().max().item()
-    assert err < 1e-3, err
-    return f"ResNeXt-50 logits NCHW vs channels_last: max rel diff {err:.1e}"
-
-
-def compiled_step() -> str:
-    from tools.bench_train import bench_context, random_batch
-    from model.centroids import CentroidBank
-    from train.config import resolve
-    from train.runner import new_network, prepare
-    from train.stage1 import Stage1
-    results = {}
-    for compile_ in (False, True):
-        cfg = resolve("cifar10-lt", compile=compile_)
-        cfg.warmup_epochs = 0
-        ctx = bench_context(cfg, torch.device("cuda"))
-        stage = Stage1(ctx, prepare(new_network(cfg, 10), ctx), CentroidBank(10, cfg.proj_dim).cuda())
-        batch = random_batch(128, 32, 10, torch.device("cuda"))
-        t = time.perf_counter()
-        loss = stage.train_step(batch, 0, 0).item()
-        results[compile_] = (loss, time.perf_counter() - t)
-    (l0, _), (l1, tc) = results[False], results[True]
-    assert abs(l0 - l1) / abs(l0) < 2e-2, (l0, l1)
-    return f"first compiled step {tc:.1f} s; loss eager {l0:.4f} vs compiled {l1:.4f}"
-
-
-def _nccl_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-    from model.centroids import CentroidBank
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world)
-    t = torch.full((4,), float(rank + 1), device="cuda")
-    dist.all_reduce(t)
-    bank = CentroidBank(10, 8).cuda()
-    g = torch.Generator(device="cuda").manual_seed(rank)
-    bank.update(torch.nn.functional.normalize(torch.randn(16, 8, device="cuda", generator=g), dim=1),
-                torch.arange(16, device="cuda") % 10)
-    lo, hi = bank.centroids.clone(), bank.centroids.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if rank == 0:
-        Path(out).write_text(json.dumps({"sum": t[0].item(), "spread": (hi - lo).abs().max().item()}))
-    dist.destroy_process_group()
-
-
-def nccl() -> str:
-    world = torch.cuda.device_count()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = Path(tempfile.mkdtemp()) / "nccl.json"
-    torch.multiprocessing.spawn(_nccl_worker, args=(world, port, str(out)), nprocs=world)
-    r = json.loads(out.read_text())
-    assert r["sum"] == world * (world + 1) / 2 and r["spread"] == 0.0, r
-    return f"{world} GPU(s): all_reduce ok, centroids identical on every rank"
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "iccl-gpu-check")
-    ap.add_argument("--json", type=Path, help="write the table and both benchmark reports here")
-    ap.add_argument("--quick", action="store_true", help="smaller benchmarks (fewer images and steps)")
-    args = ap.parse_args()
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    steps = plan(args)
+    if args.dry_run:
+        print(f"time limit {args.time_limit:.0f} s; results in {args.out}; data in {args.work}")
+        for s in steps:
+            share = "the time left" if s.share_s == float("inf") else f"<= {s.share_s:.0f} s"
+            what = "; ".join(" ".join(c) for c in s.commands) if s.commands else "in this process"
+            print(f"- {s.name} ({share}): {what}")
+        return 0
     if not torch.cuda.is_available():
-        print("no CUDA device: this script checks the GPU paths and needs a GPU", file=sys.stderr)
+        print("no CUDA device: this script checks the GPU paths and needs a GPU "
+              "(--dry-run shows the plan without one)", file=sys.stderr)
         return 2
-    from tools import bench_pipeline, bench_train
-    from tools.bench_data import make_bench_data
-    images = 512 if args.quick else 2000
-    photos = args.out / f"photos-{images}"
-    make_bench_data(photos, images=images)
-    rows: list = []
-    reports: dict = {}
-    _check(rows, "DALI mixed decode", lambda: dali_mixed(photos))
-    _check(rows, "bf16 autocast", bf16_autocast)
-    _check(rows, "channels_last", channels_last)
-    _check(rows, "torch.compile", compiled_step)
-    _check(rows, "NCCL", nccl)
-
-    def pipeline() -> str:
-        r = bench_pipeline.run(photos, steps=10 if args.quick else 30, warmup=3, batch_size=128)
-        reports["pipeline"] = r
-        return "; ".join(f"{x['loader']} {x['images_per_s']:,.0f}/s" for x in r["results"] if x["images_per_s"]) \
-            + f"; CPU decode ceiling {r['decode_ceiling_images_per_s']:,.0f}/s"
-
-    def train() -> str:
-        demo = args.out / "cifar-size"
-        make_bench_data(demo, images=10000, tiny=True)
-        r = bench_train.run("cifar10-lt", str(demo), 256, 10 if args.quick else 30, 5, False, "cuda",
-                            ["naive", "fused", "end-to-end"], "auto", 4)
-        reports["train"] = r
-        return "; ".join(f"{x['variant']} {x['images_per_s']:,.0f}/s (x{x['ratio_to_naive']:.2f})"
-                         for x in r["results"])
-
-    _check(rows, "bench pipeline (ImageNet-size JPEG)", pipeline)
-    _check(rows, "bench train (ResNet-32, batch 256)", train)
-
-    from rich.console import Console
-    from rich.table import Table
-    table = Table(title=f"GPU check: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    for c in ("check", "result", "detail", "s"):
-        table.add_column(c)
-    for name, status, detail, secs in rows:
-        table.add_row(name, status, detail, f"{secs:.1f}")
-    Console(width=200).print(table)
-    if args.json:
-        args.json.write_text(json.dumps({"checks": rows, "reports": reports}, indent=1, default=str))
-    return 0 if all(r[1] == "ok" for r in rows) else 1
+    deadline = time.monotonic() + args.time_limit - END_MARGIN_S
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for s in steps:
+        rows.append(run_step(s, deadline - time.monotonic(), args.out))
+        print(format_table(rows[-1:], s.name).splitlines()[-1], flush=True)
+    title = (f"GPU check: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, "
+             f"torch {torch.__version__} (CUDA {torch.version.cuda}), limit {args.time_limit:.0f} s")
+    table = format_table(rows, title)
+    print(table)
+    (args.out / "gpu-check.md").write_text(table)
+    (args.out / "gpu-check.json").write_text(json.dumps(
+        {"title": title, "rows": [asdict(r) for r in rows], "quick": args.quick,
+         "time_limit_s": args.time_limit}, indent=1))
+    return 0 if all(r.status == "ok" for r in rows) else 1
 
 
 if __name__ == "__main__":

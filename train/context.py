@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pipeline.dataset import ShardedSplit
-from pipeline.device import autocast_dtype, pick_device
+from pipeline.device import autocast_dtype, pick_device, upload
 from pipeline.errors import DataError
 from pipeline.loaders import make_eval_loader, make_train_loader
 from pipeline.loaders.base import AugmentSpec, EvalSpec, TrainLoader
@@ -93,10 +93,7 @@ class Context:
         so that N processes see exactly the lambdas one process would."""
         g = torch.Generator().manual_seed(_seed_of(self.cfg.seed, _LAMBDA_STREAM, epoch, step))
         lam = sample_lambda(n_local * self.dist.world_size, self.cfg.alpha, g, torch.device("cpu"))
-        lam = lam[self.dist.rank * n_local:(self.dist.rank + 1) * n_local]
-        if self.device.type == "cuda":  # from pinned memory the copy does not stall the host
-            lam = lam.pin_memory()
-        return lam.to(self.device, non_blocking=True)
+        return upload(lam[self.dist.rank * n_local:(self.dist.rank + 1) * n_local], self.device)
 
     def mix(self, x_a_u8, x_c_u8, lam):
         return mix_normalize(x_a_u8, x_c_u8, lam, self.cfg.mean, self.cfg.std)

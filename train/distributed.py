@@ -28,16 +28,28 @@ class DistInfo:
 
 
 def init_from_env(device: torch.device) -> DistInfo:
-    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU), if any."""
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU), if any.
+
+    On CUDA the process's GPU (`device`, cuda:LOCAL_RANK from `pipeline.device.pick_device`) is
+    made the current device BEFORE the group exists, and handed to it as `device_id`: otherwise
+    every rank's current device is cuda:0, so NCCL's communicators, barrier tensors, pin-memory
+    threads and FFCV's streams of all ranks land on GPU 0 (torch warns that this can hang), and
+    `device_id` lets NCCL bind its communicator to the right GPU eagerly."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def shutdown() -> None:
+    """Leave the process group (NCCL frees its communicators and warns when a process exits
+    without this). Safe without a group, and to call twice; a later `init_from_env` joins anew."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -27,7 +27,7 @@ LOADERS = ("resident", "dali", "ffcv", "reference")
 # name -> (module, train class, eval class, what to install when the module's imports fail)
 _CLASSES = {
     "resident": ("pipeline.loaders.resident", "ResidentLoader", "ResidentEvalLoader", None),
-    "dali": ("pipeline.loaders.dali", "DaliLoader", "DaliEvalLoader", "nvidia-dali-cuda120"),
+    "dali": ("pipeline.loaders.dali", "DaliLoader", "DaliEvalLoader", "nvidia-dali-cuda130"),
     "ffcv": ("pipeline.loaders.ffcv", "FfcvLoader", "FfcvEvalLoader", "ffcv"),
     "reference": ("pipeline.loaders.reference", "ReferenceLoader", "ReferenceEvalLoader", None),
 }

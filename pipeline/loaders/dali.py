@@ -10,16 +10,27 @@ Reproducibility: DALI's own random operators are not used. Crop windows, flips a
 come from `step_generator(seed, epoch, step, rank, stream)`, exactly as in the other loaders, so a
 run resumed mid-epoch gets the same samples AND the same augmentation parameters, and DALI crops
 the same windows as the resident and reference loaders. Pixels agree with those loaders up to the
-resampling filter (DALI's antialiased bilinear resize) and, for jitter on the CPU, the uint8
-rounding between the contrast and saturation steps.
+resampling filter (DALI's antialiased bilinear resize) and, for jitter done by DALI's operators
+(CPU decoding), a brightness not clamped before the contrast step and a uint8 rounding before the
+saturation step (a level or two where the brightened image saturates). With GPU decoding, or
+`jitter_in_torch=True`, the jitter is `pipeline.augment.color_jitter` in torch, as in the resident
+loader. JPEG chroma is upsampled the same way on the
+GPU and the CPU (`dali_support.decoder_args`), so GPU-decoded training images and CPU-decoded ones
+differ only by the decoders' arithmetic rounding.
+
+One pipeline per loader (`dali_support.PassPipeline`): built on the first pass, reused by every
+epoch (training) or evaluation pass; its external source reads the pass's (epoch, first step) —
+or chunk list — from the loader, and the pipeline is `reset()` after DALI's StopIteration.
 
 Speed: DALI is at home on the GPU. On the CPU its resize and colour operators are not
 vectorised: with 224-px crops of photographs it trails FFCV (measured with `iccl bench pipeline`).
 
 Corrupt images: a sample whose header cannot be read is replaced before it reaches DALI; one that
 DALI fails to decode makes the step fail, the failing samples are found by bisection with a
-decode-only pipeline (`DecodeProbe`), and the pipeline is rebuilt from that step with them
-replaced by the next readable image of the same class. `skipped` counts distinct corrupt samples.
+decode-only pipeline (`DecodeProbe`), and the pipeline is rebuilt (the only rebuild: DALI leaves a
+failed pipeline unusable) from that step with them replaced by the rule every loader shares
+(`pipeline.loaders.corrupt`: the next usable sample of the same class, at most 32 candidates,
+then a DataError). `skipped` counts distinct corrupt samples.
 """
 from __future__ import annotations
 
@@ -34,7 +45,8 @@ from pipeline.augment import (STREAM_CLASS_AWARE, STREAM_UNIFORM, color_jitter, 
 from pipeline.dataset import ShardedSplit
 from pipeline.errors import DataError
 from pipeline.loaders.base import AugmentSpec, Batch, EvalLoader, EvalSpec, TrainLoader
-from pipeline.loaders.dali_support import DecodeProbe, Samples, build_pipeline, dense, placement, to_torch
+from pipeline.loaders.dali_support import (DecodeProbe, PassPipeline, Samples, decoder_args, dense, placement,
+                                          to_torch)
 from pipeline.samplers import ClassAwareSampler, UniformSampler, eval_indices
 
 PREFETCH = 2  # steps DALI prepares while the trainer works on the current one
@@ -48,7 +60,7 @@ class DaliLoader(TrainLoader):
     def __init__(self, split: ShardedSplit, *, uniform: Optional[UniformSampler],
                  class_aware: Optional[ClassAwareSampler], augment: AugmentSpec, seed: int,
                  steps_per_epoch: int, rank: int = 0, world_size: int = 1, device="cpu",
-                 workers: int = 2):
+                 workers: int = 2, jitter_in_torch: bool = False):
         super().__init__(steps_per_epoch=steps_per_epoch)
         self._streams = sampler_streams("DaliLoader", augment, uniform, class_aware)
         self.augment, self.seed, self.rank = augment, seed, rank
@@ -58,12 +70,22 @@ class DaliLoader(TrainLoader):
         self._decoder, self._device_id = placement(self.device)
         # Jitter needs each image's mean grey level as an operator argument, which DALI takes only
         # from the CPU: with GPU decoding the factors travel through the pipeline to torch.
-        self._jitter_in_torch = augment.kind == "rrc" and augment.jitter > 0 and self._decoder == "mixed"
+        # `jitter_in_torch=True` takes that route with CPU decoding too (so tests cover it).
+        jitter = augment.kind == "rrc" and augment.jitter > 0
+        self._jitter_in_torch = jitter and (self._decoder == "mixed" or jitter_in_torch)
         self._probe = DecodeProbe(self._decoder, self._device_id, 2 * self._batch, self.workers)
-        self._pipe = None
+        self._pipe = PassPipeline(
+            lambda source: _train_graph(source, len(self._streams), augment, self._decoder,
+                                        self._jitter_in_torch),
+            batch_size=self._batch, workers=self.workers, device_id=self._device_id, prefetch=PREFETCH)
 
     def _count_corrupt(self, n: int) -> None:
         self.skipped += n
+
+    @property
+    def pipeline_builds(self) -> int:
+        """DALI pipelines built so far: 1 after any number of passes, +1 per decode failure."""
+        return self._pipe.builds
 
     # --- host side: what DALI is fed for one step ---------------------------------------------
     def _feed(self, epoch: int, step: int) -> list:
@@ -86,35 +108,28 @@ class DaliLoader(TrainLoader):
                 out.append(p.jitter.numpy())
         return out
 
-    def _start(self, epoch: int, first_step: int):
-        """A pipeline producing the steps first_step, first_step + 1, ... of `epoch`."""
-        def source(info):
-            step = first_step + info.iteration
-            if step >= self.steps_per_epoch:
+    def _feeder(self, epoch: int, first_step: int):
+        """The pass's source: batch k of the pipeline is step first_step + k of `epoch`."""
+        def feed(k: int) -> list:
+            if first_step + k >= self.steps_per_epoch:
                 raise StopIteration
-            return self._feed(epoch, step)
-
-        self.close()
-        self._pipe = build_pipeline(lambda: _train_graph(source, len(self._streams), self.augment,
-                                                 self._decoder, self._jitter_in_torch),
-                            batch_size=self._batch, workers=self.workers,
-                            device_id=self._device_id, prefetch=PREFETCH)
-        return self._pipe
+            return self._feed(epoch, first_step + k)
+        return feed
 
     # --- device side --------------------------------------------------------------------------
     def _batches(self, start_step: int):
         epoch, step = self.epoch, start_step
+        self._pipe.begin(self._feeder(epoch, step))
         while step < self.steps_per_epoch:
-            pipe = self._start(epoch, step)
-            while step < self.steps_per_epoch:
-                try:
-                    outputs = pipe.run()
-                except RuntimeError as e:  # a decode failure in this step (or a prefetched one)
-                    self._recover(epoch, step, e)
-                    break  # rebuild from this step, now without the corrupt samples
-                step += 1
-                yield self._to_batch(outputs)
-        self.close()
+            try:
+                outputs = self._pipe.run()
+            except RuntimeError as e:  # a decode failure in this step (or a prefetched one)
+                self._recover(epoch, step, e)
+                self._pipe.begin(self._feeder(epoch, step))  # rebuilt, without the corrupt samples
+                continue
+            step += 1
+            yield self._to_batch(outputs)
+        self._pipe.end()
 
     def _to_batch(self, outputs) -> Batch:
         per = len(outputs) // len(self._streams)
@@ -141,7 +156,7 @@ class DaliLoader(TrainLoader):
         raise error
 
     def close(self) -> None:
-        self._pipe = None  # DALI frees the pipeline's threads and buffers with the object
+        self._pipe.discard()  # DALI frees the pipeline's threads and buffers with the object
 
 
 def _train_graph(source, num_streams: int, spec: AugmentSpec, decoder: str,
@@ -156,16 +171,15 @@ def _train_graph(source, num_streams: int, spec: AugmentSpec, decoder: str,
         enc, label, *geometry = inputs[k * per:(k + 1) * per]
         if spec.kind == "pad_crop":
             start, flip = geometry
-            x = fn.decoders.image(enc, device=decoder, output_type=types.RGB, adjust_orientation=False)
+            x = fn.decoders.image(enc, **decoder_args(decoder))
             x = fn.slice(x, start=start, shape=[spec.size, spec.size], axis_names="WH",
                          out_of_bounds_policy="pad", fill_values=0)
         else:
             anchor, shape, flip, *factors = geometry
             # Region-of-interest decode: only the crop box is decoded (for JPEG, only the needed
             # scanlines), DALI's main saving over decode-then-crop.
-            x = fn.decoders.image_slice(enc, anchor, shape, device=decoder, output_type=types.RGB,
-                                        axis_names="WH", normalized_anchor=False,
-                                        normalized_shape=False, adjust_orientation=False)
+            x = fn.decoders.image_slice(enc, anchor, shape, axis_names="WH", normalized_anchor=False,
+                                        normalized_shape=False, **decoder_args(decoder))
             x = fn.resize(x, resize_x=spec.size, resize_y=spec.size, interp_type=types.INTERP_LINEAR)
         x = fn.flip(x, horizontal=flip)
         if jitter and not jitter_in_torch:
@@ -219,53 +233,53 @@ class DaliEvalLoader(EvalLoader):
         self._samples = Samples(split, self._count_corrupt)
         self._decoder, self._device_id = placement(self.device)
         self._probe = DecodeProbe(self._decoder, self._device_id, batch_size, self.workers)
-        self._pipe = None
+        self._pipe = PassPipeline(lambda source: _eval_graph(source, spec, self._decoder),
+                                  batch_size=batch_size, workers=self.workers,
+                                  device_id=self._device_id, prefetch=PREFETCH)
 
     def _count_corrupt(self, n: int) -> None:
         self.skipped += n
+
+    def _feeder(self, chunks: list[np.ndarray]):
+        """The pass's source: batch k of the pipeline is chunks[k]."""
+        def feed(k: int) -> list:
+            if k >= len(chunks):
+                raise StopIteration
+            idx = chunks[k]
+            size, corner = _eval_geometry(self._samples.sizes(idx), self.spec)
+            return [self._samples.arrays(idx), self._samples.labels[idx], size, corner]
+        return feed
 
     def __iter__(self):
         todo = self.indices
         while len(todo):
             todo = self._samples.readable(todo)
             chunks = [todo[s:s + self.batch_size] for s in range(0, len(todo), self.batch_size)]
-            pipe = self._start(chunks)
+            self._pipe.begin(self._feeder(chunks))
             for k in range(len(chunks)):
                 try:
-                    x, y = pipe.run()
+                    x, y = self._pipe.run()
                 except RuntimeError:  # a decode failure in this chunk (or a prefetched one)
                     bad = self._probe.find(self._samples, np.concatenate(chunks[k:k + PREFETCH + 1]))
                     if not bad:
                         raise
                     self._samples.retire(bad)
-                    todo = todo[k * self.batch_size:]
+                    todo = todo[k * self.batch_size:]  # rebuilt from this chunk, without them
                     break
                 yield Batch(to_torch(x, self.device).permute(0, 3, 1, 2),
                             to_torch(y, self.device), None, None)
             else:
                 todo = todo[:0]
-        self.close()
-
-    def _start(self, chunks: list[np.ndarray]):
-        def source(info):
-            if info.iteration >= len(chunks):
-                raise StopIteration
-            idx = chunks[info.iteration]
-            size, corner = _eval_geometry(self._samples.sizes(idx), self.spec)
-            return self._samples.arrays(idx), self._samples.labels[idx], size, corner
-
-        def graph():
-            enc, label, size, corner = fn.external_source(source=source, num_outputs=4, batch=True,
-                                                          batch_info=True)
-            x = fn.decoders.image(enc, device=self._decoder, output_type=types.RGB,
-                                  adjust_orientation=False)
-            x = fn.resize(x, size=size, interp_type=types.INTERP_LINEAR)
-            return [fn.slice(x, start=corner, shape=[self.spec.size] * 2, axis_names="WH"), label]
-
-        self.close()
-        self._pipe = build_pipeline(graph, batch_size=self.batch_size, workers=self.workers,
-                            device_id=self._device_id, prefetch=PREFETCH)
-        return self._pipe
+                self._pipe.end()
 
     def close(self) -> None:
-        self._pipe = None
+        self._pipe.discard()
+
+
+def _eval_graph(source, spec: EvalSpec, decoder: str) -> list:
+    """Decode, resize to the per-sample size, centre crop -> image, label."""
+    enc, label, size, corner = fn.external_source(source=source, num_outputs=4, batch=True,
+                                                  batch_info=True)
+    x = fn.decoders.image(enc, **decoder_args(decoder))
+    x = fn.resize(x, size=size, interp_type=types.INTERP_LINEAR)
+    return [fn.slice(x, start=corner, shape=[spec.size] * 2, axis_names="WH"), label]

@@ -1,18 +1,20 @@
 """Host-side helpers of the DALI loaders: the split as DALI input (byte views, image sizes,
-corrupt-sample bookkeeping), pipeline construction, output conversion, and the decode probe that
-finds the samples DALI's decoder rejects."""
+corrupt-sample bookkeeping), pipeline construction and reuse across passes, output conversion, and
+the decode probe that finds the samples DALI's decoder rejects."""
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-from nvidia.dali import Pipeline, fn
+from nvidia.dali import Pipeline, fn, types
 from nvidia.dali.backend import TensorGPU
 from nvidia.dali.plugin.pytorch import feed_ndarray
+from nvidia.dali.types import BatchInfo
 
 from pipeline.dataset import ShardedSplit
-from pipeline.errors import DataError
+from pipeline.device import upload
+from pipeline.loaders.corrupt import stand_in
 from pipeline.loaders.resident import stored_size
 
 
@@ -51,8 +53,10 @@ class Samples:
         return np.isin(idx, np.fromiter(self.bad, np.int64)) if self.bad else np.zeros(len(idx), bool)
 
     def usable(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(indices with corrupt samples replaced, their sizes). A stand-in is the next sample of
-        the same class, then the next in sample order (the reference loader's rule)."""
+        """(indices with corrupt samples replaced, their sizes): the first candidate of
+        `pipeline.loaders.corrupt.stand_in` not known to be corrupt. A stand-in that DALI then
+        fails to decode is retired in turn and replaced by the next candidate, within the same
+        limit (DataError when the candidates are exhausted)."""
         while True:
             hw = self.sizes(idx)
             hit = np.flatnonzero(self._is_bad(idx))
@@ -68,13 +72,7 @@ class Samples:
         return idx[~self._is_bad(idx)]
 
     def _stand_in(self, i: int) -> int:
-        same = np.flatnonzero(self.labels == self.labels[i])
-        n = len(self.labels)
-        for j in np.concatenate([same[same > i], same[same < i], (np.arange(1, n) + i) % n]):
-            if int(j) not in self.bad:
-                return int(j)
-        raise DataError(f"{self.split.dir}: no sample decodes. Run `iccl verify {self.split.root}` "
-                        f"and re-convert the dataset.")
+        return stand_in(self.split, i, lambda j: j not in self.bad)[0]
 
 
 def dense(a: np.ndarray, dtype) -> np.ndarray:
@@ -91,6 +89,17 @@ def placement(device: torch.device) -> tuple[str, Optional[int]]:
     return "cpu", None
 
 
+def decoder_args(decoder: str) -> dict:
+    """The arguments of every DALI image decoder we use: RGB, EXIF orientation ignored (as by
+    Pillow and simplejpeg in the other loaders), and libjpeg-turbo's "fancy" (smooth) chroma
+    upsampling, which the CPU decoders of every loader use; DALI's GPU (`mixed`) decoder
+    otherwise upsamples chroma differently by default, so GPU-decoded training pixels would not
+    match CPU-decoded ones (DALI 2.4 `jpeg_fancy_upsampling`: "make the mixed backend use the same
+    chroma upsampling approach as the cpu one")."""
+    return dict(device=decoder, output_type=types.RGB, adjust_orientation=False,
+                jpeg_fancy_upsampling=True)
+
+
 def build_pipeline(graph: Callable[[], list], *, batch_size: int, workers: int, device_id, prefetch: int):
     """Build a pipeline from `graph()`; prefetch > 1 runs it asynchronously, ahead of the caller."""
     pipe = Pipeline(batch_size=batch_size, num_threads=workers, device_id=device_id,
@@ -102,14 +111,75 @@ def build_pipeline(graph: Callable[[], list], *, batch_size: int, workers: int, 
     return pipe
 
 
+class PassPipeline:
+    """One DALI pipeline, built once and reused for every pass (epoch or evaluation) of a loader.
+
+    A new executor, thread pool and decoders per pass would cost set-up time every epoch, and
+    DALI's memory pools never shrink. The graph's `external_source` calls `_source`, which asks
+    the current pass's `feed(k)` for its k-th batch (k counts from 0 in every pass: DALI restarts
+    the count after StopIteration + `reset()`); `feed` raises StopIteration after the last one.
+
+    begin(feed): start a pass (builds on first use; a pass left unfinished is drained first).
+    run(): the pass's next outputs; a RuntimeError (DALI's decode failure) leaves the pipeline
+    unusable, so it is dropped: `begin` then rebuilds it (`builds` counts the builds).
+    end(): after the pass's last batch, read DALI's StopIteration and `reset()` for the next pass.
+    """
+
+    def __init__(self, graph: Callable[[Callable], list], **build_args):
+        self._graph, self._args = graph, build_args
+        self._pipe, self._feed, self._running = None, None, False
+        self.builds = 0
+
+    def _source(self, info: BatchInfo):
+        if self._feed is None:  # draining an unfinished pass: no more batches
+            raise StopIteration
+        return self._feed(info.iteration)
+
+    def begin(self, feed: Callable[[int], list]) -> None:
+        if self._running:
+            self.end()
+        if self._pipe is None:
+            self._pipe = build_pipeline(lambda: self._graph(self._source), **self._args)
+            self.builds += 1
+        self._feed = feed
+
+    def run(self):
+        self._running = True
+        try:
+            return self._pipe.run()
+        except RuntimeError:
+            self.discard()
+            raise
+
+    def end(self) -> None:
+        """Consume what DALI prefetched (an unfinished pass: at most its prefetch depth), read its
+        StopIteration and reset it. A decode failure among the discarded batches drops it."""
+        self._feed = None
+        if self._pipe is None:
+            return
+        try:
+            while True:
+                self._pipe.run()
+        except StopIteration:
+            self._pipe.reset()
+        except RuntimeError:
+            self.discard()
+        self._running = False
+
+    def discard(self) -> None:
+        self._pipe, self._feed, self._running = None, None, False
+
+
 def to_torch(out, device: torch.device) -> torch.Tensor:
-    """A copy of a DALI output batch as a torch tensor on `device` (DALI reuses its buffers)."""
+    """A copy of a DALI output batch as a torch tensor on `device` (DALI reuses its buffers): GPU
+    outputs are copied on the current stream; CPU outputs (images decoded on the CPU, labels,
+    jitter factors) go through `pipeline.device.upload`, from pinned memory on CUDA."""
     t = out.as_tensor()
     if isinstance(t, TensorGPU):
         dst = torch.empty(t.shape(), dtype=torch.uint8, device=device)
         feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(device))
         return dst
-    return torch.from_numpy(np.array(t)).to(device, non_blocking=True)
+    return upload(torch.from_numpy(np.array(t)), device)
 
 
 class DecodeProbe:
@@ -125,7 +195,7 @@ class DecodeProbe:
     def _decodes(self, arrays) -> bool:
         if self._pipe is None:
             self._pipe = build_pipeline(lambda: [fn.decoders.image(fn.external_source(name="enc", batch=True),
-                                                           device=self._decoder)], **self._args)
+                                                           **decoder_args(self._decoder))], **self._args)
         self._pipe.feed_input("enc", arrays)
         try:
             self._pipe.run()

@@ -25,10 +25,10 @@ from pipeline.dataset import ShardedSplit
 from pipeline.device import is_cuda
 from pipeline.errors import DataError
 from pipeline.loaders.base import AugmentSpec, Batch, EvalLoader, EvalSpec, TrainLoader
+from pipeline.loaders.corrupt import stand_in
 from pipeline.samplers import ClassAwareSampler, UniformSampler, eval_indices, step_indices
 
 DEFAULT_TIMEOUT_S = 300.0  # a worker silent this long is stuck: fail instead of hanging a run
-_REPLACEMENT_TRIES = 32
 
 
 # --- per-image semantics ---------------------------------------------------------------------
@@ -54,19 +54,19 @@ def try_decode(split: ShardedSplit, i: int, decode) -> Optional[np.ndarray]:
 
 def decode_or_replace(split: ShardedSplit, i: int, decode) -> tuple[np.ndarray, int, int]:
     """(pixels, label, number of corrupt images met) for sample i; a corrupt sample is replaced by
-    the next decodable sample of its class (then, failing that, the next in sample order)."""
+    the first decodable stand-in (`pipeline.loaders.corrupt.stand_in`, which raises DataError when
+    there is none)."""
     img = try_decode(split, i, decode)
     if img is not None:
         return img, int(split.labels[i]), 0
-    labels = split.labels
-    same = np.flatnonzero(labels == labels[i])
-    after = np.concatenate([same[same > i], same[same < i], np.arange(i + 1, i + 1 + _REPLACEMENT_TRIES)])
-    for bad, j in enumerate(after[:_REPLACEMENT_TRIES] % len(split), start=1):
-        img = try_decode(split, int(j), decode)
-        if img is not None:
-            return img, int(labels[j]), bad
-    raise DataError(f"{split.dir}: sample {i} and the {_REPLACEMENT_TRIES} samples tried in its place "
-                    f"do not decode. Run `iccl verify {split.root}` and re-convert the dataset.")
+    found = {}
+
+    def decodes(j: int) -> bool:
+        found["img"] = try_decode(split, j, decode)
+        return found["img"] is not None
+
+    j, rejected = stand_in(split, i, decodes)
+    return found["img"], int(split.labels[j]), 1 + rejected
 
 
 def color_jitter_np(x: np.ndarray, f: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from pipeline import codecs
 from pipeline.augment import (STREAM_CLASS_AWARE, STREAM_UNIFORM, color_jitter, crop_flip_gather,
                               draw_params, nchw, resized_crop, step_generator, to_u8)
 from pipeline.dataset import ShardedSplit
-from pipeline.device import is_cuda
+from pipeline.device import is_cuda, upload
 from pipeline.errors import DataError
 from pipeline.loaders.base import AugmentSpec, Batch, EvalLoader, EvalSpec, TrainLoader
 from pipeline.loaders.reference import decode_or_replace, eval_transform, try_decode
@@ -138,25 +138,19 @@ class ResidentLoader(TrainLoader):
         self.images = torch.from_numpy(host).to(self.device)  # NHWC, padded for pad_crop
         self.labels = torch.from_numpy(labels).to(self.device)
 
-    def _upload(self, host: torch.Tensor) -> torch.Tensor:
-        """A small host tensor to the device without stalling the host: from pinned memory the
-        copy is asynchronous, while a pageable one would first wait for the GPU's queue."""
-        if is_cuda(self.device):
-            host = host.pin_memory()  # PyTorch's caching host allocator: cheap when repeated
-        return host.to(self.device, non_blocking=True)
-
     def _stream(self, idx: np.ndarray, step: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = step_generator(self.seed, self.epoch, step, self.rank, stream)
         p = draw_params(self.augment, len(idx), self.height, self.width, g)
         # Indices, crop geometry and flips travel to the device as one small copy.
         geometry = p.offsets if self.augment.kind == "pad_crop" else p.boxes
-        dev = self._upload(torch.cat([torch.from_numpy(idx)[:, None], geometry, p.flip[:, None].long()], 1))
+        host = torch.cat([torch.from_numpy(idx)[:, None], geometry, p.flip[:, None].long()], 1)
+        dev = upload(host, self.device)
         i, flip = dev[:, 0], dev[:, -1].bool()
         if self.augment.kind == "pad_crop":
             return crop_flip_gather(self.images, i, dev[:, 1:3], flip, self.augment.size), self.labels[i]
         x = resized_crop(nchw(self.images[i]), dev[:, 1:5], self.augment.size, flip)
         if p.jitter is not None:
-            x = color_jitter(x, self._upload(p.jitter))
+            x = color_jitter(x, upload(p.jitter, self.device))
         return to_u8(x), self.labels[i]
 
     def _batches(self, start_step: int):
