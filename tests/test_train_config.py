@@ -37,7 +37,7 @@ def test_overrides_are_typed_and_validated():
     with pytest.raises(DataError, match="expected a value"):
         resolve("cifar10-lt", overrides={"epochs": "ten"})
     with pytest.raises(DataError, match="warmup_epochs"):
-        resolve("cifar10-lt", overrides={"epochs": "10"})  # T_w = 100 > 10 epochs
+        resolve("cifar10-lt", overrides={"epochs": "10", "warmup_epochs": "20"})  # T_w > epochs
     with pytest.raises(DataError, match="unknown preset"):
         resolve("cifar1000-lt")
 
@@ -71,6 +71,8 @@ def test_changing_epochs_keeps_the_recipe_shape():
     assert resolve("imagenet-lt", epochs=30).warmup_epochs == 15  # cosine: no steps to scale
     c = resolve("cifar10-lt", epochs=50, overrides={"warmup_epochs": "10"})
     assert c.warmup_epochs == 10 and c.lr_steps == (30, 40)
+    # --set epochs=N is the same request as --epochs N
+    assert resolve("cifar10-lt", overrides={"epochs": "50"}) == resolve("cifar10-lt", epochs=50)
 
 
 def test_list_settings_needs_no_run_directory(capsys):
