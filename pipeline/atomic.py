@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
+from pipeline.errors import DataError
+
 
 def tmp_name(path: Path) -> Path:
     """The temporary name a file is written under before it is renamed into place."""
@@ -31,6 +33,25 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def output_dir(path: str | os.PathLike, flag: str = "--out", probe: bool = True) -> Path:
+    """Create folder `path` (and its parents) for output and, with `probe`, check that a file can
+    be written in it. DataError naming `flag`, the path and the fix when it cannot: an existing
+    file in the way, a read-only filesystem, missing permissions."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{flag} {path}: is a file, not a folder. Choose a new or existing folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if probe:
+            with atomic_open(path / ".write-probe"):
+                pass
+            (path / ".write-probe").unlink()
+    except OSError as e:
+        raise DataError(f"{flag} {path}: cannot write there ({e.strerror or e}). Choose a folder on a "
+                        f"writable filesystem where you have write permission.") from e
+    return path
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -78,7 +78,11 @@ def test_changing_epochs_keeps_the_recipe_shape():
 def test_list_settings_needs_no_run_directory(capsys):
     from tools.cli import main
     assert main(["train", "--preset", "cifar10-lt", "--list-settings"]) == 0
-    settings = dict(line.split(" = ", 1) for line in capsys.readouterr().out.splitlines())
+    lines = capsys.readouterr().out.splitlines()
+    settings = {k: v.split("  # ")[0] for k, v in (line.split(" = ", 1) for line in lines[1:])}
     assert settings["arch"] == "resnet32" and settings["amp"] == "auto"
+    assert "one of auto, bf16, fp32" in lines[[ln.startswith("amp") for ln in lines].index(True)]
+    assert main(["train", "--list-settings"]) == 0  # as the help shows it: the default preset
+    assert "preset synthetic-lt" in capsys.readouterr().out.splitlines()[0]
     assert main(["train", "--preset", "cifar10-lt"]) == 2  # training does need --out
     assert "--out DIR is required" in capsys.readouterr().err
