@@ -20,19 +20,26 @@ def tmp_name(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open `path` for writing so that it only appears, complete, when the block exits cleanly."""
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name for a writer that takes a file name (torch.save, FFCV's writer): write the
+    file there inside the block; on a clean exit it is fsynced and renamed to `path`, on an error
+    removed. The one implementation of atomic writes in the project."""
     path = Path(path)
     tmp = tmp_name(path)
     try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open `path` for writing so that it only appears, complete, when the block exits cleanly."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def output_dir(path: str | os.PathLike, flag: str = "--out", probe: bool = True) -> Path:

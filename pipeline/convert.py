@@ -47,7 +47,7 @@ from pipeline.convert_shard import ShardResult, ShardTask, describe_item, load_d
 from pipeline.errors import DataError
 from pipeline.format import (FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE, INDEX_FILE, META_FILE,
                              beton_name, read_meta, shard_name, shot_groups)
-from pipeline.progress import progress, say
+from pipeline.progress import count, progress, say
 from pipeline.sources.base import Source
 
 # 1,000 samples make shards of ~100 MB for ImageNet-size JPEGs (large sequential reads, few
@@ -249,7 +249,7 @@ def _write_shards(source: Source, out: Path, shard_size: int, workers: int,
                 on_error=on_error))
     total = sum(len(s.labels) for s in source.splits.values())
     if results:
-        say(f"{out}: resuming; {len(results)} of {len(results) + len(todo)} shards already written.")
+        say(f"{out}: resuming; {len(results)} of {count(len(results) + len(todo), 'shard')} already written.")
     with progress(total, f"convert {source.name}", unit="images") as bar:
         bar.advance(sum(r.num_items for r in results))
         for result in _run(todo, workers):
@@ -302,7 +302,7 @@ def _finish(source: Source, out: Path, results: Iterable[ShardResult], options: 
             np.save(f, index)
     if skipped:
         write_json(out / SKIPPED_FILE, skipped)
-        say(f"{len(skipped)} bad items left out; see {out / SKIPPED_FILE}.")
+        say(f"{count(len(skipped), 'bad item')} left out; see {out / SKIPPED_FILE}.")
     else:
         (out / SKIPPED_FILE).unlink(missing_ok=True)
     meta = {
