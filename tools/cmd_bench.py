@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.errors import DataError
 from pipeline.loaders import LOADER_CHOICES, LOADERS
-from train.config import AUGMENTS
+from train.config import AUGMENTS, PRESETS
 
 PIPELINE_DESCRIPTION = """\
 Decoded images per second of each data loader in two-stream training mode (uniform + class-aware
@@ -178,7 +178,8 @@ def _register_train(sub) -> None:
                                    "baseline, measured in one run on the same model and inputs; warm-up "
                                    "steps (and compilation) are timed separately.",
                        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cifar10-lt", help="model and recipe (default cifar10-lt)")
+    p.add_argument("--preset", default="cifar10-lt", choices=tuple(PRESETS), metavar="NAME",
+                   help=f"model and recipe, one of {', '.join(PRESETS)} (default cifar10-lt)")
     p.add_argument("--data", help="converted dataset: needed for end-to-end (and sets the classes)")
     p.add_argument("--variants", default=None,
                    help="comma-separated from naive,fused,end-to-end (default: all that apply)")

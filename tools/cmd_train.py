@@ -173,6 +173,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from pipeline.atomic import output_dir
     from pipeline.convert import convert
     from pipeline.format import META_FILE
     from pipeline.progress import say
@@ -181,10 +182,11 @@ def cmd_demo(args) -> int:
     from train.config import resolve
     from train.runner import train
     data = args.out / "data"
+    cfg = resolve("synthetic-lt", args.method, data=str(data.resolve()), epochs=args.epochs)
+    output_dir(args.out, "--out")  # checked before the data are made
     if not (data / META_FILE).is_file():
         say(f"making the synthetic long-tailed dataset in {data}")
         convert(make_synthetic_lt(), data)
-    cfg = resolve("synthetic-lt", args.method, data=str(data.resolve()), epochs=args.epochs)
     run = args.out / f"run-{args.method}"
     report = train(cfg, run)
     print_table(results_table({"stage 1": report["stage1"], "stage 2 (rebalanced)": report["stage2"]},
