@@ -184,6 +184,22 @@ def decode_ceiling(split: ShardedSplit, num_images: int, workers: int, batch_siz
 
 
 # --- one run ------------------------------------------------------------------------------------
+def check_options(loaders: tuple[str, ...], batch_size: int, steps: int, warmup: int,
+                  workers: Optional[int], size: Optional[int], jitter: Optional[float],
+                  repeats: int) -> None:
+    """DataError for options outside what `run` takes (checked before any bench data is made)."""
+    for name in loaders:
+        if name not in LOADERS:
+            raise DataError(f"--loaders: unknown loader {name!r}; choose from {', '.join(LOADERS)}")
+    if steps < 1 or warmup < 0 or batch_size < 1 or repeats < 1 or (workers is not None and workers < 1):
+        raise DataError("--steps, --batch-size, --repeats and --workers must be positive, --warmup "
+                        "at least 0")
+    if size is not None and size < 1:
+        raise DataError(f"--size {size}: must be at least 1 pixel")
+    if jitter is not None and not 0 <= jitter <= 1:
+        raise DataError(f"--jitter {jitter}: must be in [0, 1]")
+
+
 def run(data: str | os.PathLike, split: str = "train", loaders: tuple[str, ...] = LOADERS,
         batch_size: int = 128, steps: int = 20, warmup: int = 3, workers: Optional[int] = None,
         augment: str = "auto", size: Optional[int] = None, jitter: Optional[float] = None,
@@ -191,11 +207,7 @@ def run(data: str | os.PathLike, split: str = "train", loaders: tuple[str, ...] 
     """The whole benchmark (module docstring); returns what `--json` writes."""
     from pipeline.device import pick_device
 
-    for name in loaders:
-        if name not in LOADERS:
-            raise DataError(f"--loaders: unknown loader {name!r}; choose from {', '.join(LOADERS)}")
-    if steps < 1 or warmup < 0 or batch_size < 1 or repeats < 1:
-        raise DataError("--steps, --batch-size and --repeats must be positive, --warmup at least 0")
+    check_options(loaders, batch_size, steps, warmup, workers, size, jitter, repeats)
     workers = workers or os.cpu_count() or 1
     torch.set_num_threads(workers)
     dev = pick_device(device)

@@ -70,7 +70,7 @@ def _register_pipeline(sub) -> None:
     src.add_argument("--make-data", type=Path, metavar="DIR",
                      help="write the bench data (see below) to DIR unless already there, then bench it")
     src.add_argument("--images", type=int, default=2000, metavar="N",
-                     help="--make-data: number of images (default 2000)")
+                     help="--make-data: number of images, at least 10 (default 2000)")
     src.add_argument("--tiny", action="store_true",
                      help="--make-data: 32x32 PNGs instead of ImageNet-size JPEGs")
     src.add_argument("--split", default="train", help="split to read (default train)")
@@ -100,19 +100,21 @@ def _register_pipeline(sub) -> None:
 
 def _pipeline(args) -> int:
     from pipeline.atomic import write_json
-    from tools.bench_pipeline import run
+    from tools.bench_pipeline import check_options, run
 
     if (args.data is None) == (args.make_data is None):
         raise DataError("give one of --data DIR (a converted dataset) or --make-data DIR "
                         "(see `iccl bench pipeline --help`)")
+    loaders = tuple(name.strip() for name in args.loaders.split(",") if name.strip())
+    check_options(loaders, args.batch_size, args.steps, args.warmup, args.workers, args.size,
+                  args.jitter, args.repeats)  # before any bench data is made
     data = args.data
     if args.make_data is not None:
-        from tools.bench_data import make_bench_data
-        if args.images < 1:
-            raise DataError("--images must be at least 1")
+        from tools.bench_data import NUM_CLASSES, make_bench_data
+        if args.images < NUM_CLASSES:
+            raise DataError(f"--images {args.images}: must be at least {NUM_CLASSES} (one per class)")
         make_bench_data(args.make_data, images=args.images, tiny=args.tiny, workers=args.workers)
         data = args.make_data
-    loaders = tuple(name.strip() for name in args.loaders.split(",") if name.strip())
     report = run(data, split=args.split, loaders=loaders, batch_size=args.batch_size,
                  steps=args.steps, warmup=args.warmup, workers=args.workers, augment=args.augment,
                  size=args.size, jitter=args.jitter, device=args.device, repeats=args.repeats)
