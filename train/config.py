@@ -146,9 +146,11 @@ class Range:
                 and (self.hi is None or x <= self.hi))
 
     def __str__(self) -> str:
+        def num(x) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
         if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}]"
 
 
 _POSITIVE, _AT_LEAST_1, _NON_NEGATIVE, _UNIT = Range(0, lo_open=True), Range(1), Range(0), Range(0, 1)
@@ -172,6 +174,9 @@ RANGES: dict[str, Range] = {
     "eval_every": _NON_NEGATIVE, "eval_batch_size": _AT_LEAST_1, "checkpoint_minutes": _NON_NEGATIVE,
     "log_every": _AT_LEAST_1,
 }
+# Free-text settings, checked against the dataset when a run starts.
+TEXT_SETTINGS = {"data": "a folder written by `iccl convert`", "train_split": "a split of the dataset",
+                 "eval_split": "a split of the dataset"}
 # Settings that hold three values (one per RGB channel).
 RGB_SETTINGS = ("mean", "std")
 # Dedicated flags of `iccl train` for some settings (the same setting may also come with --set).
@@ -189,14 +194,19 @@ def allowed(key: str) -> str:
         from pipeline.loaders import LOADER_CHOICES
         return "one of " + ", ".join(LOADER_CHOICES)
     if key == "amp":
-        return "one of auto, bf16, fp32"
+        from pipeline.device import AMP_MODES
+        return "one of " + ", ".join(AMP_MODES)
     if key == "device":
-        return "auto, cpu, cuda or cuda:N"
+        return "auto, cpu, cuda or cuda:N"  # as pipeline.device.pick_device takes them
     if key == "arch":
-        return "a network of model.network (e.g. resnet32, resnet50, resnext50_32x4d)"
+        from model.network import ARCHITECTURES
+        return "one of " + ", ".join(ARCHITECTURES)
+    if key in TEXT_SETTINGS:
+        return TEXT_SETTINGS[key]
     if key in RANGES:
-        return ("3 values, each " if key in RGB_SETTINGS else
-                "values, each " if isinstance(getattr(_DEFAULTS, key), tuple) else "") + str(RANGES[key])
+        default = getattr(_DEFAULTS, key)
+        return ("3 values, each " if key in RGB_SETTINGS else "values, each " if isinstance(default, tuple)
+                else "none, or " if default is None else "") + str(RANGES[key])
     kind = type(getattr(_DEFAULTS, key))
     return {bool: "true or false", str: "text"}.get(kind, "3 numbers" if key in RGB_SETTINGS else "")
 
@@ -311,7 +321,7 @@ def _check_owned(cfg: Config) -> list[str]:
     if cfg.loader not in LOADER_CHOICES:
         problems.append(f"loader={cfg.loader!r}: {allowed('loader')}")
     if cfg.amp not in AMP_MODES:
-        problems.append(f"amp={cfg.amp!r}: use {', '.join(AMP_MODES)}")
+        problems.append(f"amp={cfg.amp!r}: {allowed('amp')}")
     try:
         check_arch(cfg.arch)
     except ValueError as e:
