@@ -28,11 +28,14 @@ Optionally an FFCV .beton per split.
 
 JPEGs are stored as they are (no quality loss) when they are plain 3-channel baseline or
 progressive files; grayscale, CMYK, palette or alpha images are converted to RGB; other formats
-are re-encoded as baseline JPEG; PNGs and pixel arrays (CIFAR, synthetic) stay lossless PNG.
+are re-encoded as baseline JPEG, and so are PNG files named .jpg/.jpeg (a JPEG dataset stays all
+JPEG); other PNGs and pixel arrays (CIFAR, synthetic) stay lossless PNG. The table counts the
+images converted to RGB and those re-encoded.
 Every image is decoded once while converting, so a corrupt file is found now, not mid-training.
 
 A rerun of the same command resumes where it stopped (finished shards are kept). Output folders
-hold one conversion: a different request into the same --out is refused."""
+hold one conversion: a different request into the same --out is refused, except after a
+conversion that stopped at a bad input: the source changed to fix it starts the folder over."""
 
 CONVERT_EPILOG = """\
 sources and the options they need:
