@@ -120,8 +120,9 @@ def _check_batch(cfg: Config, train: ShardedSplit, world_size: int) -> None:
                         f"change the batch size or the process count.")
 
 
-def build_context(cfg: Config, run_dir: Path, with_eval: bool = True) -> Context:
-    """`with_eval` False: no evaluation split is needed (benchmarks)."""
+def build_context(cfg: Config, run_dir: Path, with_eval: bool = True, training: bool = True) -> Context:
+    """`with_eval` False: no evaluation split is needed (benchmarks). `training` False: only
+    evaluation follows (no batch to fit, nothing to write in `run_dir`)."""
     device = pick_device(cfg.device)
     dist = init_from_env(device)
     if device.type == "cpu":
@@ -135,10 +136,11 @@ def build_context(cfg: Config, run_dir: Path, with_eval: bool = True) -> Context
             raise DataError(f"{cfg.data}: no {cfg.eval_split!r} split to evaluate on (it has "
                             f"{sorted(train.meta['splits'])}); pass --set eval_split=NAME")
         eval_split = ShardedSplit(cfg.data, cfg.eval_split)
-    _check_batch(cfg, train, dist.world_size)
-    # Checked before anything is written, so that a refused run can be corrected and started again
-    # into the same folder; a run that exists already (resume, eval) is not probed for writing.
-    output_dir(run_dir, "--out", probe=not (run_dir / "config.json").is_file())
+    if training:
+        # Checked before anything is written, so that a refused run can be corrected and started
+        # again into the same folder; a run that exists already (resume) is not probed for writing.
+        _check_batch(cfg, train, dist.world_size)
+        output_dir(run_dir, "--out", probe=not (run_dir / "config.json").is_file())
     return Context(cfg=cfg, run_dir=run_dir, device=device, dist=dist, train=train, eval=eval_split,
                    metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main),
                    amp_dtype=autocast_dtype(device, cfg.amp))
