@@ -339,8 +339,7 @@ def validate(cfg: Config) -> None:
     problems = [p for f in fields(Config) for p in [_type_problem(f.name, getattr(cfg, f.name))] if p]
     if not problems:  # values are only comparable once their types are right
         problems = [p for f in fields(Config) for p in [_value_problem(f.name, getattr(cfg, f.name))] if p]
-    if not problems:
-        problems = _check_owned(cfg)
+        problems += _check_owned(cfg)
         if cfg.warmup_epochs > cfg.epochs:
             problems.append(f"warmup_epochs={cfg.warmup_epochs} must be within [0, epochs={cfg.epochs}]")
     if problems:
