@@ -35,14 +35,17 @@ class ShardedSplit:
         self.info = self.meta["splits"][split]
         self.dir = self.root / split
         index_path = self.dir / INDEX_FILE
+        # A rerun of the conversion keeps an index that exists: it must be deleted to be rebuilt.
+        rebuild = (f"Delete {index_path} and rerun the same `iccl convert` command: it rebuilds the "
+                   f"index from the shard records.")
         try:
             self.index = np.load(index_path, mmap_mode="r")
         except (OSError, ValueError) as e:
-            raise DataError(f"{index_path}: unreadable index ({e}). Re-run `iccl convert`.") from e
+            raise DataError(f"{index_path}: unreadable index ({e}). {rebuild}") from e
         if self.index.dtype != INDEX_DTYPE or len(self.index) != self.info["num_samples"]:
             raise DataError(
                 f"{index_path}: does not match {self.root / 'meta.json'} "
-                f"({len(self.index)} rows, expected {self.info['num_samples']}). Re-run `iccl convert`."
+                f"({len(self.index)} rows, expected {self.info['num_samples']}). {rebuild}"
             )
         self.labels = np.asarray(self.index["label"], dtype=np.int64)
         if check_meta:

@@ -152,7 +152,8 @@ def _check_shard_task(task: tuple) -> tuple[list[str], int]:
     else:
         fix = f"Delete {path.name} and rerun the same `iccl convert` command: it rewrites that shard."
     more = len(problems) - _MAX_PER_SHARD
-    problems = problems[:_MAX_PER_SHARD] + ([f"{path}: ... and {count(more, 'more problem')}"] if more > 0 else [])
+    if more > 0:
+        problems = problems[:_MAX_PER_SHARD] + [f"{path}: ... and {count(more, 'more problem')}"]
     return [f"{p} {fix}" for p in problems], len(rows)
 
 

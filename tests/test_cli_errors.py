@@ -262,3 +262,20 @@ def test_verify_blames_a_damaged_index_not_the_intact_shard(tmp_path, capsys):
     (out / "train" / INDEX_FILE).unlink()  # the advice, followed
     assert main(argv) == 0
     assert main(["verify", str(out), "--workers", "1"]) == 0
+
+
+def test_an_index_with_rows_missing_is_rebuilt_as_advised(tmp_path, capsys):
+    from pipeline.format import INDEX_FILE
+    src = _image_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    argv = ["-q", "convert", "folder", "--root", str(src), "--out", str(out), "--workers", "1"]
+    assert main(argv) == 0
+    index_path = out / "train" / INDEX_FILE
+    np.save(index_path, np.load(index_path)[:-1])
+    assert main(["info", str(out)]) == 2
+    assert f"Delete {index_path} and rerun the same `iccl convert`" in capsys.readouterr().err
+    assert main(["verify", str(out), "--workers", "1"]) == 1
+    assert "Delete shard" not in capsys.readouterr().out
+    index_path.unlink()
+    assert main(argv) == 0
+    assert main(["verify", str(out), "--workers", "1"]) == 0
