@@ -44,7 +44,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_open, output_dir, remove_stale_tmp, write_json
 from pipeline.convert_shard import ShardResult, ShardTask, describe_item, load_done, run_shard
-from pipeline.errors import DataError
+from pipeline.errors import ON_ERROR, DataError
 from pipeline.format import (FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE, INDEX_FILE, META_FILE,
                              beton_name, read_meta, shard_name, shot_groups)
 from pipeline.progress import count, progress, say
@@ -56,7 +56,6 @@ DEFAULT_SHARD_SIZE = 1000
 REQUEST_FILE = "convert.json"
 STOPPED = "stopped_at_bad_input"  # key in REQUEST_FILE: the conversion stopped there, with this message
 SKIPPED_FILE = "skipped.json"
-ON_ERROR = ("stop", "skip")
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 

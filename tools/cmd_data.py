@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.errors import DataError
+from pipeline.errors import ON_ERROR, DataError
 
 REQUIRED = "required"
 # Source kind -> the source options it takes, with their defaults.
@@ -109,7 +109,7 @@ def _register_convert(subparsers) -> None:
     out.add_argument("--ffcv", action="store_true",
                      help="also write an FFCV file per split (OUT/<split>.beton); adding it to a "
                           "finished conversion by rerunning with --ffcv works too")
-    out.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+    out.add_argument("--on-error", choices=ON_ERROR, default="stop",
                      help="bad items: stop with a message naming them (default), or leave them "
                           "out and list them in OUT/skipped.json")
     p.set_defaults(handler=_convert)
