@@ -14,7 +14,7 @@ from torch import nn
 from .resnet import resnet50, resnext50_32x4d
 from .resnet_cifar import resnet32
 
-__all__ = ["ARCHITECTURES", "ICCLNet", "build_network", "load_torchvision_weights"]
+__all__ = ["ARCHITECTURES", "ICCLNet", "build_network", "check_arch", "load_torchvision_weights"]
 
 _ENCODERS: dict[str, Callable[[], nn.Module]] = {
     "resnet32": resnet32,
@@ -66,14 +66,20 @@ class ICCLNet(nn.Module):
         return features, self.classifier(features), self.project(features)
 
 
-def build_network(
-    arch: str, num_classes: int, proj_dim: int, proj_hidden: int | None = None
-) -> ICCLNet:
-    """Build an :class:`ICCLNet` on one of :data:`ARCHITECTURES`."""
+def check_arch(arch: str) -> None:
+    """Raise ValueError (naming the valid choices) unless `arch` is a network `build_network`
+    makes. The one check of architecture names: the config validates `arch` through it."""
     if arch not in _ENCODERS:
         raise ValueError(
             f"unknown architecture {arch!r}; valid names are: {', '.join(ARCHITECTURES)}"
         )
+
+
+def build_network(
+    arch: str, num_classes: int, proj_dim: int, proj_hidden: int | None = None
+) -> ICCLNet:
+    """Build an :class:`ICCLNet` on one of :data:`ARCHITECTURES`."""
+    check_arch(arch)
     return ICCLNet(_ENCODERS[arch](), num_classes, proj_dim, proj_hidden)
 
 

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
+from pipeline.errors import DataError
+
 
 def tmp_name(path: Path) -> Path:
     """The temporary name a file is written under before it is renamed into place."""
@@ -18,19 +20,45 @@ def tmp_name(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open `path` for writing so that it only appears, complete, when the block exits cleanly."""
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name for a writer that takes a file name (torch.save, FFCV's writer): write the
+    file there inside the block; on a clean exit it is fsynced and renamed to `path`, on an error
+    removed. The one implementation of atomic writes in the project."""
     path = Path(path)
     tmp = tmp_name(path)
     try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open `path` for writing so that it only appears, complete, when the block exits cleanly."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+
+
+def output_dir(path: str | os.PathLike, flag: str = "--out", probe: bool = True) -> Path:
+    """Create folder `path` (and its parents) for output and, with `probe`, check that a file can
+    be written in it. DataError naming `flag`, the path and the fix when it cannot: an existing
+    file in the way, a read-only filesystem, missing permissions."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{flag} {path}: is a file, not a folder. Choose a new or existing folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if probe:
+            with atomic_open(path / ".write-probe"):
+                pass
+            (path / ".write-probe").unlink()
+    except OSError as e:
+        raise DataError(f"{flag} {path}: cannot write there ({e.strerror or e}). Choose a folder on a "
+                        f"writable filesystem where you have write permission.") from e
+    return path
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

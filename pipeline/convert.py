@@ -15,7 +15,10 @@ Rerunning the same request resumes: shards already done are kept, the rest are w
 whose fingerprint (source, classes, labels, shard size, max side, quality) differs is refused, so
 two different datasets can never be mixed in one folder. `on_error`, `workers` and `ffcv` are not
 part of the fingerprint: "stop at a bad file, then rerun with --on-error skip" is the normal way to
-leave bad files out, and keeps the shards written before the stop.
+leave bad files out, and keeps the shards written before the stop. A conversion that stopped at a
+bad item marks its request file so: the other fix its message offers, changing the source (removing
+or replacing the file), makes a different request, and a rerun with it starts the folder over
+(the unfinished output of the stopped request is deleted) instead of being refused.
 
 Bad items (missing, unreadable or corrupt files, labels out of range) stop the conversion with a
 message naming them, or with on_error="skip" are left out: a shard then simply holds fewer samples,
@@ -39,20 +42,20 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.atomic import atomic_open, remove_stale_tmp, write_json
+from pipeline.atomic import atomic_open, output_dir, remove_stale_tmp, write_json
 from pipeline.convert_shard import ShardResult, ShardTask, describe_item, load_done, run_shard
-from pipeline.errors import DataError
+from pipeline.errors import ON_ERROR, DataError
 from pipeline.format import (FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE, INDEX_FILE, META_FILE,
                              beton_name, read_meta, shard_name, shot_groups)
-from pipeline.progress import progress, say
+from pipeline.progress import count, progress, say
 from pipeline.sources.base import Source
 
 # 1,000 samples make shards of ~100 MB for ImageNet-size JPEGs (large sequential reads, few
 # files) and a few MB for CIFAR (still enough shards for every loader worker to have its own).
 DEFAULT_SHARD_SIZE = 1000
 REQUEST_FILE = "convert.json"
+STOPPED = "stopped_at_bad_input"  # key in REQUEST_FILE: the conversion stopped there, with this message
 SKIPPED_FILE = "skipped.json"
-ON_ERROR = ("stop", "skip")
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -78,8 +81,12 @@ def convert(source: Source, out: str | os.PathLike, *, shard_size: int = DEFAULT
     if meta is not None:
         say(f"{out}: conversion already complete, nothing to do.")
     else:
-        results = _write_shards(source, out, shard_size, workers, max_side, quality, on_error)
-        meta = _finish(source, out, results, {**options, "on_error": on_error, "ffcv": False})
+        try:
+            results = _write_shards(source, out, shard_size, workers, max_side, quality, on_error)
+            meta = _finish(source, out, results, {**options, "on_error": on_error, "ffcv": False})
+        except DataError as e:  # a bad item or class: the user may fix it by changing the source
+            write_json(out / REQUEST_FILE, {**_fingerprint(source, options), STOPPED: str(e)})
+            raise
     if ffcv:
         _add_betons(out, meta, workers)
     return meta
@@ -127,7 +134,9 @@ def _fingerprint(source: Source, options: dict) -> dict:
         "name": source.name,
         "description": source.description,
         "num_classes": len(source.classes),
-        "classes_sha256": sha("\n".join(source.classes).encode()),
+        # Class names come from file names, which need not be valid UTF-8 (held as surrogate
+        # escapes, as os.fsdecode gives them): hash the bytes the filesystem has.
+        "classes_sha256": sha(b"\n".join(os.fsencode(c) for c in source.classes)),
         "splits": {name: {"num_samples": len(s.labels),
                           "labels_sha256": sha(s.labels.astype("<i8").tobytes())}
                    for name, s in source.splits.items()},
@@ -145,8 +154,9 @@ def _jsonable(obj):
 
 
 def _claim(out: Path, source: Source, fingerprint: dict) -> None:
-    """Make `out` ours: new or empty, or holding the same request (then resume)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Make `out` ours: new or empty, or holding the same request (then resume), or the unfinished
+    output of a request that stopped at a bad input (then start over)."""
+    output_dir(out, "--out", probe=not (out / REQUEST_FILE).is_file())
     remove_stale_tmp(out)
     for name in source.splits:
         if (out / name).is_dir():
@@ -157,16 +167,37 @@ def _claim(out: Path, source: Source, fingerprint: dict) -> None:
             previous = json.loads(request.read_text())
         except ValueError as e:
             raise DataError(f"{request}: unreadable ({e}); choose another --out or delete it.") from e
-        if previous != fingerprint:
-            differences = _differences(previous, fingerprint)
-            shown = ", ".join(differences[:5]) + (", ..." if len(differences) > 5 else "")
-            raise DataError(f"{out} holds a different conversion (differs in: {shown}); "
-                            f"choose another --out or delete it.")
+        stopped = isinstance(previous, dict) and previous.pop(STOPPED, None)
+        if previous == fingerprint:
+            if stopped:
+                write_json(request, fingerprint)
+            return
+        if stopped and not (out / META_FILE).is_file():
+            say(f"{out}: the previous conversion stopped at a bad input and the source has changed "
+                f"since; starting over.")
+            _remove_output(out, set(previous.get("splits", {})) | set(source.splits))
+            write_json(request, fingerprint)
+            return
+        differences = _differences(previous, fingerprint)
+        shown = ", ".join(differences[:5]) + (", ..." if len(differences) > 5 else "")
+        raise DataError(f"{out} holds a different conversion (differs in: {shown}); "
+                        f"choose another --out or delete it.")
     elif any(out.iterdir()):
         raise DataError(f"{out} is not empty and holds no conversion (no {REQUEST_FILE}); "
                         f"choose a new or empty --out folder.")
     else:
         write_json(request, fingerprint)
+
+
+def _remove_output(out: Path, splits: set[str]) -> None:
+    """Delete what a conversion writes (its own file names only) from `out`."""
+    for name in splits:
+        split_dir = out / name
+        if _SPLIT_NAME.fullmatch(name) and split_dir.is_dir():
+            for p in [*split_dir.glob("shard-*.tar"), *split_dir.glob(".shard-*"), split_dir / INDEX_FILE]:
+                p.unlink(missing_ok=True)
+        (out / beton_name(name)).unlink(missing_ok=True)
+    (out / SKIPPED_FILE).unlink(missing_ok=True)
 
 
 def _differences(a, b, prefix: str = "") -> list[str]:
@@ -217,7 +248,7 @@ def _write_shards(source: Source, out: Path, shard_size: int, workers: int,
                 on_error=on_error))
     total = sum(len(s.labels) for s in source.splits.values())
     if results:
-        say(f"{out}: resuming; {len(results)} of {len(results) + len(todo)} shards already written.")
+        say(f"{out}: resuming; {len(results)} of {count(len(results) + len(todo), 'shard')} already written.")
     with progress(total, f"convert {source.name}", unit="images") as bar:
         bar.advance(sum(r.num_items for r in results))
         for result in _run(todo, workers):
@@ -270,7 +301,7 @@ def _finish(source: Source, out: Path, results: Iterable[ShardResult], options: 
             np.save(f, index)
     if skipped:
         write_json(out / SKIPPED_FILE, skipped)
-        say(f"{len(skipped)} bad items left out; see {out / SKIPPED_FILE}.")
+        say(f"{count(len(skipped), 'bad item')} left out; see {out / SKIPPED_FILE}.")
     else:
         (out / SKIPPED_FILE).unlink(missing_ok=True)
     meta = {

@@ -6,6 +6,8 @@
     any other image file Pillow can read   -> RGB, baseline JPEG at `quality`
       (grayscale / CMYK / 12-bit / arithmetic-coded JPEG, GIF, BMP, TIFF, WebP, ...)
     PNG file                               -> RGB, PNG (lossless)
+    PNG file named .jpg / .jpeg            -> RGB, baseline JPEG at `quality` (re-encoded, counted):
+                                              a JPEG dataset stays all JPEG (ImageNet has such files)
 
 When the longer side exceeds `max_side`, the image is shrunk to it and stored as baseline JPEG at
 `quality`, whatever it came as. The format is told by the file's first bytes, never by its name
@@ -26,6 +28,7 @@ from pipeline.codecs import encode_jpeg, encode_png
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_NAMES = (".jpg", ".jpeg")  # lower-case file name endings that promise a JPEG
 
 # Frame headers (SOFn) kept as they are: baseline and progressive Huffman, what GPU decoders take.
 _KEPT_FRAMES = {0xC0, 0xC2}
@@ -91,7 +94,8 @@ def _from_file(path: str, max_side: int | None, quality: int) -> Encoded:
                 return Encoded(data, "jpg", False, False)
             return Encoded(encode_jpeg(_resize(Image.fromarray(pixels), target), quality), "jpg",
                            False, True)
-    return _decode_and_encode(data, data.startswith(PNG_MAGIC), max_side, quality)
+    keep_png = data.startswith(PNG_MAGIC) and not path.lower().endswith(JPEG_NAMES)
+    return _decode_and_encode(data, keep_png, max_side, quality)
 
 
 def _decode_and_encode(data: bytes, is_png: bool, max_side: int | None, quality: int) -> Encoded:

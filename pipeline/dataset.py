@@ -13,13 +13,18 @@ import numpy as np
 
 from pipeline import codecs
 from pipeline.errors import DataError
-from pipeline.format import EXTS, INDEX_DTYPE, INDEX_FILE, read_meta, shard_name
+from pipeline.format import EXTS, INDEX_DTYPE, INDEX_FILE, META_FILE, read_meta, shard_name
 
 
 class ShardedSplit:
-    """One split (`train`, `val`, `test`) of a dataset written by `iccl convert`."""
+    """One split (`train`, `val`, `test`) of a dataset written by `iccl convert`.
 
-    def __init__(self, root: str | os.PathLike, split: str):
+    Opening it checks meta.json against the index (`check_meta`: classes, per-class counts and
+    labels agree), so that a hand-edited or damaged meta.json is refused with a DataError naming
+    the fix, by every command that opens a dataset, before anything else happens. `iccl verify`
+    opens splits with check_meta=False and reports the same findings among all the others."""
+
+    def __init__(self, root: str | os.PathLike, split: str, check_meta: bool = True):
         self.root = Path(root)
         self.split = split
         self.meta = read_meta(self.root)
@@ -30,18 +35,38 @@ class ShardedSplit:
         self.info = self.meta["splits"][split]
         self.dir = self.root / split
         index_path = self.dir / INDEX_FILE
+        # A rerun of the conversion keeps an index that exists: it must be deleted to be rebuilt.
+        rebuild = (f"Delete {index_path} and rerun the same `iccl convert` command: it rebuilds the "
+                   f"index from the shard records.")
         try:
             self.index = np.load(index_path, mmap_mode="r")
         except (OSError, ValueError) as e:
-            raise DataError(f"{index_path}: unreadable index ({e}). Re-run `iccl convert`.") from e
+            raise DataError(f"{index_path}: unreadable index ({e}). {rebuild}") from e
         if self.index.dtype != INDEX_DTYPE or len(self.index) != self.info["num_samples"]:
             raise DataError(
                 f"{index_path}: does not match {self.root / 'meta.json'} "
-                f"({len(self.index)} rows, expected {self.info['num_samples']}). Re-run `iccl convert`."
+                f"({len(self.index)} rows, expected {self.info['num_samples']}). {rebuild}"
             )
         self.labels = np.asarray(self.index["label"], dtype=np.int64)
+        if check_meta:
+            self._check_meta(index_path)
         self._maps: dict[int, mmap.mmap] = {}
         self._pid = os.getpid()
+
+    def _check_meta(self, index_path: Path) -> None:
+        counts, k = self.info.get("class_counts"), self.num_classes
+        if not isinstance(counts, list) or len(counts) != k:
+            found = f"{k} classes but {len(counts) if isinstance(counts, list) else 'no'} class counts"
+        elif len(self.labels) and not 0 <= self.labels.min() <= self.labels.max() < k:
+            found = f"{k} classes but the index has labels up to {self.labels.max()}"
+        elif np.bincount(self.labels, minlength=k).tolist() != counts:
+            found = "class counts that differ from the index's labels"
+        else:
+            return
+        raise DataError(f"{self.root / META_FILE} lists {found} (in {index_path}): the file was "
+                        f"edited or damaged. Run `iccl verify {self.root}` for every problem, then "
+                        f"convert again (delete meta.json and rerun the same `iccl convert`, or use "
+                        f"a fresh --out).")
 
     # --- what the dataset is --------------------------------------------------------------
     @property

@@ -5,5 +5,10 @@ must name the file (or option) at fault and say what to do about it.
 """
 
 
+# What a conversion does with a bad item (`iccl convert --on-error`): here, where the command line
+# can read it without importing the conversion engine.
+ON_ERROR = ("stop", "skip")
+
+
 class DataError(Exception):
     """A user-fixable problem with input data, a converted dataset, or an option."""

@@ -13,7 +13,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.atomic import tmp_name
+from pipeline.atomic import atomic_path
 from pipeline.dataset import ShardedSplit
 from pipeline.errors import DataError
 from pipeline.format import EXT_CODE
@@ -62,18 +62,12 @@ def write_beton(split: ShardedSplit, path: str | os.PathLike, workers: int | Non
     # Every sample must fit in one page; FFCV's default 8 MiB fits any photo as JPEG, and the
     # smallest page keeps the file of a small raw dataset small (each worker fills its own pages).
     page_size = MIN_PAGE_SIZE if mode == "raw" else 4 * MIN_PAGE_SIZE
-    tmp = tmp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         # FFCV's workers are forked and write straight into the file, so it gets the temp name.
         writer = DatasetWriter(str(tmp), fields, page_size=page_size,
                                num_workers=workers or os.cpu_count() or 1)
         with progress(len(split), f"ffcv {split.split}", unit="images") as task, _bar_to(task):
             writer.from_indexed_dataset(_Samples(split), chunksize=100)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextmanager

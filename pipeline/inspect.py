@@ -22,31 +22,44 @@ from pipeline.dataset import ShardedSplit
 from pipeline.errors import DataError
 from pipeline.format import (EXTS, INDEX_FILE, META_FILE, beton_name, read_meta, sample_key,
                              shard_name, shot_groups)
-from pipeline.progress import progress
+from pipeline.progress import count, progress
 
 _MAX_PER_SHARD = 5  # problems listed per shard before "... and N more"
 
 
 # --- info -------------------------------------------------------------------------------------
+def split_bytes(root: Path, split: str, num_shards: int) -> int:
+    """Bytes on disk of a converted split: its shards, its index and its FFCV file if any. The one
+    definition of a split's size, reported by `iccl convert` and `iccl info` alike."""
+    files = [root / split / shard_name(k) for k in range(num_shards)]
+    files += [root / split / INDEX_FILE, root / beton_name(split)]
+    return sum(p.stat().st_size for p in files if p.is_file())
+
+
 def dataset_info(root: str | os.PathLike) -> dict:
-    """Name, classes and, per split, counts, imbalance, many/medium/few, formats and bytes on disk."""
+    """Name, classes and, per split, counts, imbalance, many/medium/few, formats and bytes on disk.
+
+    many / medium / few count the classes of each split present in it, grouped by their number of
+    TRAINING images (the field's convention: > 100, 20-100, < 20), for the test split too
+    (`groups_by` says so). Every split's index is checked against meta.json first (DataError)."""
     root = Path(root)
     meta = read_meta(root)
-    info = {"name": meta["name"], "classes": meta["classes"], "splits": {}}
+    info = {"name": meta["name"], "classes": meta["classes"], "groups_by": "train class counts",
+            "splits": {}}
+    groups = meta.get("shot_groups")
     for split, m in meta["splits"].items():
+        ShardedSplit(root, split)  # its index against meta.json: a hand-edited meta.json is refused
         counts = np.asarray(m["class_counts"])
         present = counts[counts > 0]
-        groups = meta.get("shot_groups") or shot_groups(counts)  # many/medium/few by train counts
-        files = [root / split / shard_name(k) for k in range(m["num_shards"])]
-        files += [root / split / INDEX_FILE, root / beton_name(split)]
+        split_groups = groups or shot_groups(counts)  # without a train split: the split's own
         info["splits"][split] = {
             "num_samples": int(m["num_samples"]),
             "num_classes": int(len(present)),
             "class_counts": counts.tolist(),
             "imbalance_ratio": float(present.max() / present.min()) if len(present) else None,
-            **{g: int((counts[groups[g]] > 0).sum()) for g in ("many", "medium", "few")},
+            **{g: int((counts[split_groups[g]] > 0).sum()) for g in ("many", "medium", "few")},
             "formats": list(m["formats"]),
-            "bytes": sum(p.stat().st_size for p in files if p.is_file()),
+            "bytes": split_bytes(root, split, m["num_shards"]),
         }
     return info
 
@@ -62,7 +75,7 @@ def verify(root: str | os.PathLike, workers: int | None = None) -> list[str]:
     problems, tasks = [], []
     for split in meta["splits"]:
         try:
-            ds = ShardedSplit(root, split)
+            ds = ShardedSplit(root, split, check_meta=False)  # _check_index reports the same
         except DataError as e:
             problems.append(str(e))
             continue
@@ -87,7 +100,7 @@ def _check_index(root: Path, split: str, index: np.ndarray, info: dict, num_clas
     problems = []
     bad = np.flatnonzero((index["label"] < 0) | (index["label"] >= num_classes))
     if len(bad):
-        problems.append(f"{where}: {len(bad)} labels out of range [0, {num_classes}), first at "
+        problems.append(f"{where}: {count(len(bad), 'label')} out of range [0, {num_classes}), first at "
                         f"sample {bad[0]}. {fix}")
     elif np.bincount(index["label"], minlength=num_classes).tolist() != list(info["class_counts"]):
         problems.append(f"{where}: class counts differ from {root / META_FILE}. {fix}")
@@ -129,11 +142,18 @@ def _check_shard_task(task: tuple) -> tuple[list[str], int]:
     root, split, k, rows, digest = task
     path = root / split / shard_name(k)
     problems = check_shard(path, rows, digest)
-    fix = ("Rerun the same `iccl convert` command: it rewrites missing shards."
-           if not path.is_file() else
-           f"Delete {path.name} and rerun the same `iccl convert` command: it rewrites that shard.")
+    if not path.is_file():
+        fix = "Rerun the same `iccl convert` command: it rewrites missing shards."
+    elif problems and digest is not None and file_sha256(path) == digest:
+        # The shard is byte for byte what the conversion wrote: the index is what is wrong.
+        fix = (f"{path.name} itself is intact (its checksum matches meta.json): delete "
+               f"{root / split / INDEX_FILE} and rerun the same `iccl convert` command: it rebuilds "
+               f"the index from the shard records.")
+    else:
+        fix = f"Delete {path.name} and rerun the same `iccl convert` command: it rewrites that shard."
     more = len(problems) - _MAX_PER_SHARD
-    problems = problems[:_MAX_PER_SHARD] + ([f"{path}: ... and {more} more problems"] if more > 0 else [])
+    if more > 0:
+        problems = problems[:_MAX_PER_SHARD] + [f"{path}: ... and {count(more, 'more problem')}"]
     return [f"{p} {fix}" for p in problems], len(rows)
 
 

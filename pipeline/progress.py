@@ -29,6 +29,21 @@ def say(message: str) -> None:
         console.print(message, highlight=False)
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """`n` and `noun`, plural when n != 1: count(1, "problem") -> "1 problem"; "3 problems"
+    (`plural` for nouns that do not just add an s)."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
+def rate_text(done: float, seconds: float, unit: str) -> str:
+    """"120 images/s", or "3.2 s/step" when one unit takes longer than a second (a rate under 1
+    would round to 0)."""
+    rate = done / max(seconds, 1e-9)
+    if rate >= 1 or done == 0:
+        return f"{rate:,.0f} {unit}/s"
+    return f"{seconds / done:,.1f} s/{unit.removesuffix('s')}"
+
+
 class _Task:
     def __init__(self, total: int, desc: str, unit: str, bar: Progress | None, every_s: float):
         self.total, self.desc, self.unit, self.done = total, desc, unit, 0
@@ -47,8 +62,8 @@ class _Task:
         now = time.monotonic()
         if not _quiet and (now - self._last >= self._every_s or self.done >= self.total):
             self._last = now
-            rate = self.done / max(now - self._t0, 1e-9)
-            print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({rate:,.0f} {self.unit}/s)"
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit} "
+                  f"({rate_text(self.done, now - self._t0, self.unit)})"
                   f"{' ' + self.extra if self.extra else ''}", file=sys.stderr, flush=True)
 
 

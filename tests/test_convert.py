@@ -117,11 +117,14 @@ def test_files_are_stored_by_their_real_format(tmp_path):
         ext, data, pixels = got[name]
         assert ext == "jpg" and jpeg_frame(data)[0] == 0xC0 and pixels.shape == (40, 48, 3)
     assert np.abs(got["gray"][2].astype(int) - got["gray"][2][..., :1]).max() <= 2  # still gray
-    assert got["png_named_jpg"][0] == "png" and np.array_equal(got["png_named_jpg"][2], img)
+    # a PNG named .jpg is stored as a JPEG, like the rest of a JPEG dataset, and counted
+    ext, data, pixels = got["png_named_jpg"]
+    assert ext == "jpg" and jpeg_frame(data)[0] == 0xC0
+    assert data == simplejpeg.encode_jpeg(img, quality=90, colorspace="RGB", colorsubsampling="420")
     assert got["rgba_png"][0] == "png" and np.array_equal(got["rgba_png"][2], img)
     info = meta["splits"]["train"]
     assert info["converted_to_rgb"] == 3  # gray, cmyk, rgba
-    assert info["reencoded"] == 3  # gray, cmyk, junk
+    assert info["reencoded"] == 4  # gray, cmyk, junk, png_named_jpg
 
 
 def test_max_side_shrinks_large_images_only(tmp_path):

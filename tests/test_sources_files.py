@@ -104,7 +104,7 @@ def test_imagenet_lt_label_checks(tmp_path):
         load_imagenet_lt(root, lists)
 
     root, lists, entries = imagenet_lt_tree(tmp_path / "gap", train_counts=(4, 0, 1))
-    with pytest.raises(DataError, match=r"1 classes have no training image: 1 \(n01443537\)"):
+    with pytest.raises(DataError, match=r"classes without a training image \(1\): 1 \(n01443537\)"):
         load_imagenet_lt(root, lists)
 
     root, lists, entries = imagenet_lt_tree(tmp_path / "same-folder")
@@ -206,7 +206,7 @@ def test_inat_json_structure_example(shared_data, tmp_path):
 
 def test_inat_json_errors(tmp_path):
     root = inat_json_tree(tmp_path, train_per_class=(3, 0, 1))
-    with pytest.raises(DataError, match=r"train2018\.json: 1 classes have no training image: 1 \(species 1"):
+    with pytest.raises(DataError, match=r"train2018\.json: classes without a training image \(1\): 1 \(species 1"):
         load_inat2018(root)
 
     root = inat_json_tree(tmp_path / "b")

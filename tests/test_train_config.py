@@ -37,7 +37,7 @@ def test_overrides_are_typed_and_validated():
     with pytest.raises(DataError, match="expected a value"):
         resolve("cifar10-lt", overrides={"epochs": "ten"})
     with pytest.raises(DataError, match="warmup_epochs"):
-        resolve("cifar10-lt", overrides={"epochs": "10"})  # T_w = 100 > 10 epochs
+        resolve("cifar10-lt", overrides={"epochs": "10", "warmup_epochs": "20"})  # T_w > epochs
     with pytest.raises(DataError, match="unknown preset"):
         resolve("cifar1000-lt")
 
@@ -71,12 +71,56 @@ def test_changing_epochs_keeps_the_recipe_shape():
     assert resolve("imagenet-lt", epochs=30).warmup_epochs == 15  # cosine: no steps to scale
     c = resolve("cifar10-lt", epochs=50, overrides={"warmup_epochs": "10"})
     assert c.warmup_epochs == 10 and c.lr_steps == (30, 40)
+    # --set epochs=N is the same request as --epochs N
+    assert resolve("cifar10-lt", overrides={"epochs": "50"}) == resolve("cifar10-lt", epochs=50)
 
 
 def test_list_settings_needs_no_run_directory(capsys):
     from tools.cli import main
     assert main(["train", "--preset", "cifar10-lt", "--list-settings"]) == 0
-    settings = dict(line.split(" = ", 1) for line in capsys.readouterr().out.splitlines())
+    lines = capsys.readouterr().out.splitlines()
+    settings = {k: v.split("  # ")[0] for k, v in (line.split(" = ", 1) for line in lines[1:])}
     assert settings["arch"] == "resnet32" and settings["amp"] == "auto"
+    assert "one of auto, bf16, fp32" in lines[[ln.startswith("amp") for ln in lines].index(True)]
+    assert main(["train", "--list-settings"]) == 0  # as the help shows it: the default preset
+    assert "preset synthetic-lt" in capsys.readouterr().out.splitlines()[0]
     assert main(["train", "--preset", "cifar10-lt"]) == 2  # training does need --out
     assert "--out DIR is required" in capsys.readouterr().err
+
+
+def test_every_numeric_setting_has_one_rule():
+    """A new numeric setting must get a range in RANGES (or be listed here as any finite number)."""
+    from dataclasses import fields
+
+    from train.config import CHOICES, RANGES
+    any_finite = {"gamma", "s2_gamma", "mean"}  # p_k ~ n_k^-gamma takes any real gamma
+    numeric = {f.name for f in fields(Config)
+               if not isinstance(getattr(Config(), f.name), (bool, str)) or f.name == "proj_hidden"}
+    assert numeric - set(RANGES) == any_finite
+    assert set(CHOICES) == {"preset", "method", "schedule", "augment"}
+
+
+@pytest.mark.parametrize("key, text, words", [
+    ("lr", "-0.1", "lr=-0.1: must be > 0"), ("lr", "inf", "lr=inf"), ("gamma", "nan", "gamma=nan"),
+    ("momentum", "1.5", "momentum=1.5: must be in [0, 1]"), ("workers", "-1", "workers=-1"),
+    ("lr_steps", "5,-1", "lr_steps=(5, -1)"), ("std", "0.2,0,0.2", "std="), ("seed", "-3", "seed=-3"),
+    ("arch", "resnet999", "unknown architecture"), ("loader", "fast", "loader='fast'"),
+    ("amp", "fp16", "amp='fp16'"), ("device", "tpu", "device='tpu'"), ("augment", "mixup", "augment="),
+    ("method", "xx", "method='xx'"), ("preset", "nope", "--preset cifar10-lt and --set preset=nope"),
+])
+def test_every_setting_is_checked_after_set(key, text, words):
+    with pytest.raises(DataError) as e:
+        resolve("cifar10-lt", overrides={key: text})
+    assert words in str(e.value)
+
+
+def test_flag_and_set_must_agree_and_a_saved_run_is_checked_again():
+    with pytest.raises(DataError, match="--batch-size 5 and --set batch_size=3"):
+        resolve("cifar10-lt", overrides={"batch_size": "3"}, batch_size=5)
+    assert resolve("cifar10-lt", "ce", overrides={"method": "ce"}).method == "ce"  # agreeing is fine
+    saved = resolve("cifar10-lt").to_dict()
+    assert resolve(base=saved, workers=4).workers == 4
+    with pytest.raises(DataError, match="tau=-1"):
+        resolve(base={**saved, "tau": -1.0})  # a config.json edited by hand
+    with pytest.raises(DataError, match="epochs=1.5: expected a value like 200"):
+        resolve(base={**saved, "epochs": 1.5})

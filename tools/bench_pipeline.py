@@ -33,7 +33,7 @@ from pipeline.format import EXT_CODE
 from pipeline.loaders import LOADERS, make_train_loader
 from pipeline.loaders.base import AugmentSpec
 from pipeline.loaders.resident import stored_size
-from pipeline.progress import progress, say
+from pipeline.progress import count, progress, say
 
 SMALL_IMAGE = 64  # images up to this side are trained with pad_crop (CIFAR), larger with rrc
 
@@ -109,26 +109,33 @@ def measure_loader(split: ShardedSplit, name: str, augment: AugmentSpec, batch_s
 _worker_split: Optional[ShardedSplit] = None
 
 
-def _decode_chunk(root: str, split: str, idx: np.ndarray) -> int:
-    """Decode samples `idx` in a pool worker (the split is opened once per process)."""
+def _decode_chunk(root: str, split: str, idx: np.ndarray) -> list[int]:
+    """Decode samples `idx` in a pool worker (the split is opened once per process); returns the
+    samples that do not decode (corrupt data: training replaces them, the ceiling leaves them out)."""
     global _worker_split
     if _worker_split is None or _worker_split.root != Path(root) or _worker_split.split != split:
         _worker_split = ShardedSplit(root, split)
+    bad = []
     for i in idx:
-        codecs.decode(_worker_split.encoded(int(i)), _worker_split.ext(int(i)))
-    return len(idx)
+        try:
+            codecs.decode(_worker_split.encoded(int(i)), _worker_split.ext(int(i)))
+        except Exception:  # any decoder failure (ValueError, OSError, ...) means a corrupt sample
+            bad.append(int(i))
+    return bad
 
 
-def decode_rate_python(split: ShardedSplit, idx: np.ndarray, workers: int) -> float:
-    """Images per second of simplejpeg (JPEG) / Pillow (PNG) in `workers` processes; process
-    start-up and the first reads are outside the clock."""
+def decode_rate_python(split: ShardedSplit, idx: np.ndarray, workers: int) -> tuple[float, list[int]]:
+    """(images per second, samples that did not decode) of simplejpeg (JPEG) / Pillow (PNG) in
+    `workers` processes; process start-up and the first reads are outside the clock. Samples
+    that fail count as decoded (the time was spent)."""
     chunks = np.array_split(idx, max(1, len(idx) // 64))
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_decode_chunk, [str(split.root)] * workers, [split.split] * workers,
                       np.array_split(idx[:64 * workers], workers)))  # warm: open maps, fault pages
         t0 = time.perf_counter()
-        n = sum(pool.map(_decode_chunk, [str(split.root)] * len(chunks), [split.split] * len(chunks), chunks))
-        return n / (time.perf_counter() - t0)
+        bad = [i for b in pool.map(_decode_chunk, [str(split.root)] * len(chunks),
+                                   [split.split] * len(chunks), chunks) for i in b]
+        return len(idx) / (time.perf_counter() - t0), sorted(set(bad))
 
 
 def decode_rate_dali(split: ShardedSplit, idx: np.ndarray, workers: int, batch_size: int) -> float:
@@ -155,22 +162,47 @@ def decode_rate_dali(split: ShardedSplit, idx: np.ndarray, workers: int, batch_s
 
 
 def decode_ceiling(split: ShardedSplit, num_images: int, workers: int, batch_size: int,
-                   repeats: int = 1) -> dict:
-    """{decoder name: images per second, best of `repeats`} over the first `num_images` samples
-    (cycled)."""
+                   repeats: int = 1) -> tuple[dict, list[int]]:
+    """({decoder name: images per second, best of `repeats`}, samples that do not decode) over
+    the first `num_images` samples (cycled). The Python decoders are named by what the samples
+    hold: simplejpeg (JPEG), pillow (PNG), or both. DALI is timed on the samples that decode."""
     idx = np.arange(num_images) % len(split)
-    jpeg = (split.index["ext"][np.unique(idx)] == EXT_CODE["jpg"]).mean() >= 0.5
+    exts = set(split.index["ext"][np.unique(idx)].tolist())
+    name = "+".join(n for code, n in ((EXT_CODE["jpg"], "simplejpeg"), (EXT_CODE["png"], "pillow"))
+                    if code in exts)
     say("bench pipeline: measuring the decode-only ceiling")
-    rates = {"simplejpeg" if jpeg else "pillow":
-             max(decode_rate_python(split, idx, workers) for _ in range(repeats))}
+    measured = [decode_rate_python(split, idx, workers) for _ in range(repeats)]
+    rates = {name: max(rate for rate, _ in measured)}
+    bad = measured[0][1]
+    if bad:
+        say(f"bench pipeline: {count(len(bad), 'sample')} of {split.dir} do not decode (first: "
+            f"{bad[0]}); left out of the ceiling. `iccl verify {split.root}` lists them.")
+        idx = idx[~np.isin(idx, bad)]
     try:
-        rates["dali-cpu"] = max(decode_rate_dali(split, idx, workers, batch_size) for _ in range(repeats))
+        if len(idx):
+            rates["dali-cpu"] = max(decode_rate_dali(split, idx, workers, batch_size) for _ in range(repeats))
     except ImportError:
         pass
-    return rates
+    return rates, bad
 
 
 # --- one run ------------------------------------------------------------------------------------
+def check_options(loaders: tuple[str, ...], batch_size: int, steps: int, warmup: int,
+                  workers: Optional[int], size: Optional[int], jitter: Optional[float],
+                  repeats: int) -> None:
+    """DataError for options outside what `run` takes (checked before any bench data is made)."""
+    for name in loaders:
+        if name not in LOADERS:
+            raise DataError(f"--loaders: unknown loader {name!r}; choose from {', '.join(LOADERS)}")
+    if steps < 1 or warmup < 0 or batch_size < 1 or repeats < 1 or (workers is not None and workers < 1):
+        raise DataError("--steps, --batch-size, --repeats and --workers must be positive, --warmup "
+                        "at least 0")
+    if size is not None and size < 1:
+        raise DataError(f"--size {size}: must be at least 1 pixel")
+    if jitter is not None and not 0 <= jitter <= 1:
+        raise DataError(f"--jitter {jitter}: must be in [0, 1]")
+
+
 def run(data: str | os.PathLike, split: str = "train", loaders: tuple[str, ...] = LOADERS,
         batch_size: int = 128, steps: int = 20, warmup: int = 3, workers: Optional[int] = None,
         augment: str = "auto", size: Optional[int] = None, jitter: Optional[float] = None,
@@ -178,11 +210,7 @@ def run(data: str | os.PathLike, split: str = "train", loaders: tuple[str, ...] 
     """The whole benchmark (module docstring); returns what `--json` writes."""
     from pipeline.device import pick_device
 
-    for name in loaders:
-        if name not in LOADERS:
-            raise DataError(f"--loaders: unknown loader {name!r}; choose from {', '.join(LOADERS)}")
-    if steps < 1 or warmup < 0 or batch_size < 1 or repeats < 1:
-        raise DataError("--steps, --batch-size and --repeats must be positive, --warmup at least 0")
+    check_options(loaders, batch_size, steps, warmup, workers, size, jitter, repeats)
     workers = workers or os.cpu_count() or 1
     torch.set_num_threads(workers)
     dev = pick_device(device)
@@ -190,7 +218,8 @@ def run(data: str | os.PathLike, split: str = "train", loaders: tuple[str, ...] 
     spec = auto_augment(ds, augment, size, jitter)
     # Forking (the ceiling's process pool, the reference loader's workers) comes first, while
     # no other loader has started threads (numba's, DALI's) that a fork would leave broken.
-    rates = decode_ceiling(ds, min(2 * batch_size * steps, 4 * len(ds)), workers, batch_size, repeats)
+    rates, undecodable = decode_ceiling(ds, min(2 * batch_size * steps, 4 * len(ds)), workers,
+                                        batch_size, repeats)
     order = sorted(loaders, key=lambda name: name != "reference")
     measured = {name: measure_loader(ds, name, spec, batch_size, steps, warmup, workers, dev, repeats)
                 for name in order}
@@ -203,7 +232,7 @@ def run(data: str | os.PathLike, split: str = "train", loaders: tuple[str, ...] 
         r["fraction_of_decode_ceiling"] = x / ceiling if x else None
     return {
         "results": results, "decode_ceiling_images_per_s": ceiling, "decoder": decoder,
-        "decoders": rates, "data": str(data), "split": split, "num_samples": len(ds),
+        "decoders": rates, "undecodable_samples": undecodable, "data": str(data), "split": split, "num_samples": len(ds),
         "augment": {"kind": spec.kind, "size": spec.size, "pad": spec.pad, "jitter": spec.jitter,
                     "flip": spec.flip},
         "workers": workers, "repeats": repeats, "device": str(dev),

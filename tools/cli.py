@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 from pipeline.errors import DataError
@@ -14,8 +16,19 @@ COMMAND_MODULES = ("tools.cmd_data", "tools.cmd_train", "tools.cmd_predict", "to
                    "tools.cmd_bench")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (like every other error of `iccl`), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+QUIET_HELP = ("no progress: no bars and no status lines on stderr. Results (tables, --json output, "
+              "verify's findings) still go to stdout and errors to stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="iccl",
         description="Interpolative centroid contrastive learning (ICCL) for long-tailed recognition: "
                     "convert a dataset once, train both stages, evaluate, predict, export, and "
@@ -23,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `iccl demo` for a complete run on built-in synthetic data, "
                "`iccl COMMAND --help` for the options of a command.",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -31,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `iccl` command; returns the exit status: 0 done, 1 a finding (e.g. verify found
+    problems), 2 a user-fixable error (one line on stderr naming the file or setting and the fix),
+    130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -38,10 +54,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     set_quiet(args.quiet)
     try:
-        return int(args.handler(args) or 0)
+        status = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a closed pipe must show here, not in the interpreter's exit flush
+        return status
     except DataError as e:
-        print(f"iccl {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args, str(e))
+    except BrokenPipeError:
+        return _closed_stdout()
+    except OSError as e:  # the filesystem refused (read-only, full, permissions): the user can fix it
+        if e.errno == errno.EPIPE:
+            return _closed_stdout()
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(args, f"{where}{e.strerror or e}. Check that the path is a writable folder "
+                           f"(or readable file) with free space, then rerun the same command.")
     except KeyboardInterrupt:
         print(f"iccl {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
@@ -57,6 +82,22 @@ def _leave_process_group() -> None:
     distributed = sys.modules.get("train.distributed")
     if distributed is not None:
         distributed.shutdown()
+
+
+def _fail(args, message: str) -> int:
+    print(f"iccl {args.command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _closed_stdout() -> int:
+    """The reader of our stdout went away (`iccl info DIR --json | head -1`): stop quietly, as the
+    Python documentation's recipe for SIGPIPE does: point stdout at devnull so that the
+    interpreter's final flush does not raise again, and exit 1."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests capture it): nothing to flush
+        pass
+    return 1
 
 
 if __name__ == "__main__":

@@ -10,9 +10,8 @@ import os
 from pathlib import Path
 
 from pipeline.errors import DataError
-
-# pipeline.loaders.LOADERS, spelled out so that `iccl --help` need not import torch
-ALL_LOADERS = "resident,dali,ffcv,reference"
+from pipeline.loaders import LOADER_CHOICES, LOADERS
+from train.config import AUGMENTS, PRESETS
 
 PIPELINE_DESCRIPTION = """\
 Decoded images per second of each data loader in two-stream training mode (uniform + class-aware
@@ -20,8 +19,10 @@ stream, so 2 x BATCH images per step, augmented as in training: pad-crop + flip 
 64 px, else random resized crop 224 + flip + colour jitter 0.4), every loader with the same CPU
 budget (--workers threads / worker processes, as many torch threads); construction and --warmup
 steps are not timed. Also the decode-only ceiling of this machine's CPU cores: the same images
-decoded, without augmentation, by the fastest decoder for their format (simplejpeg for JPEG,
-Pillow for PNG) in --workers processes, and by DALI's CPU decoder for comparison. The table gives images/s,
+decoded, without augmentation, by the decoders training uses for their format (simplejpeg for
+JPEG, Pillow for PNG) in --workers processes, and by DALI's CPU decoder with --workers threads
+(when installed): the ceiling is the faster of the two, named under the table with both rates.
+Samples that do not decode are counted, reported and left out of the ceiling. The table gives images/s,
 the ratio to the reference loader (DataLoader + Pillow) and the fraction of the decode ceiling.
 Loaders that cannot run on the data (resident on images of different sizes, ffcv without a
 .beton, a package not installed) are listed as skipped, with the reason."""
@@ -69,13 +70,13 @@ def _register_pipeline(sub) -> None:
     src.add_argument("--make-data", type=Path, metavar="DIR",
                      help="write the bench data (see below) to DIR unless already there, then bench it")
     src.add_argument("--images", type=int, default=2000, metavar="N",
-                     help="--make-data: number of images (default 2000)")
+                     help="--make-data: number of images, at least 10 (default 2000)")
     src.add_argument("--tiny", action="store_true",
                      help="--make-data: 32x32 PNGs instead of ImageNet-size JPEGs")
     src.add_argument("--split", default="train", help="split to read (default train)")
     run = p.add_argument_group("what to measure")
-    run.add_argument("--loaders", default=ALL_LOADERS, metavar="LIST",
-                     help=f"comma-separated, from {ALL_LOADERS} (default: all)")
+    run.add_argument("--loaders", default=",".join(LOADERS), metavar="LIST",
+                     help=f"comma-separated, from {','.join(LOADERS)} (default: all)")
     run.add_argument("--batch-size", type=int, default=128, metavar="B",
                      help="images per stream per step (default 128; a step reads 2 x B)")
     run.add_argument("--steps", type=int, default=20, metavar="N", help="timed steps (default 20)")
@@ -87,7 +88,7 @@ def _register_pipeline(sub) -> None:
     run.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="W",
                      help=f"decode threads / worker processes of every loader and of the ceiling "
                           f"(default: all {os.cpu_count()} cores)")
-    run.add_argument("--augment", choices=("auto", "pad_crop", "rrc"), default="auto",
+    run.add_argument("--augment", choices=("auto", *AUGMENTS), default="auto",
                      help="auto (default): pad_crop for images up to 64 px, else rrc")
     run.add_argument("--size", type=int, metavar="PX",
                      help="crop size (default: the stored size for pad_crop, 224 for rrc)")
@@ -99,19 +100,21 @@ def _register_pipeline(sub) -> None:
 
 def _pipeline(args) -> int:
     from pipeline.atomic import write_json
-    from tools.bench_pipeline import run
+    from tools.bench_pipeline import check_options, run
 
     if (args.data is None) == (args.make_data is None):
         raise DataError("give one of --data DIR (a converted dataset) or --make-data DIR "
                         "(see `iccl bench pipeline --help`)")
+    loaders = tuple(name.strip() for name in args.loaders.split(",") if name.strip())
+    check_options(loaders, args.batch_size, args.steps, args.warmup, args.workers, args.size,
+                  args.jitter, args.repeats)  # before any bench data is made
     data = args.data
     if args.make_data is not None:
-        from tools.bench_data import make_bench_data
-        if args.images < 1:
-            raise DataError("--images must be at least 1")
+        from tools.bench_data import NUM_CLASSES, make_bench_data
+        if args.images < NUM_CLASSES:
+            raise DataError(f"--images {args.images}: must be at least {NUM_CLASSES} (one per class)")
         make_bench_data(args.make_data, images=args.images, tiny=args.tiny, workers=args.workers)
         data = args.make_data
-    loaders = tuple(name.strip() for name in args.loaders.split(",") if name.strip())
     report = run(data, split=args.split, loaders=loaders, batch_size=args.batch_size,
                  steps=args.steps, warmup=args.warmup, workers=args.workers, augment=args.augment,
                  size=args.size, jitter=args.jitter, device=args.device, repeats=args.repeats)
@@ -177,7 +180,8 @@ def _register_train(sub) -> None:
                                    "baseline, measured in one run on the same model and inputs; warm-up "
                                    "steps (and compilation) are timed separately.",
                        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cifar10-lt", help="model and recipe (default cifar10-lt)")
+    p.add_argument("--preset", default="cifar10-lt", choices=tuple(PRESETS), metavar="NAME",
+                   help=f"model and recipe, one of {', '.join(PRESETS)} (default cifar10-lt)")
     p.add_argument("--data", help="converted dataset: needed for end-to-end (and sets the classes)")
     p.add_argument("--variants", default=None,
                    help="comma-separated from naive,fused,end-to-end (default: all that apply)")
@@ -186,7 +190,8 @@ def _register_train(sub) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fused step")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
-    p.add_argument("--loader", default="auto", help="loader of the end-to-end variant (default auto)")
+    p.add_argument("--loader", default="auto", choices=LOADER_CHOICES,
+                   help="loader of the end-to-end variant (default auto)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader threads / workers")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting, as in `iccl train` (e.g. w_u_after_warmup=1)")

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.errors import DataError
+from pipeline.errors import ON_ERROR, DataError
 
 REQUIRED = "required"
 # Source kind -> the source options it takes, with their defaults.
@@ -28,11 +28,14 @@ Optionally an FFCV .beton per split.
 
 JPEGs are stored as they are (no quality loss) when they are plain 3-channel baseline or
 progressive files; grayscale, CMYK, palette or alpha images are converted to RGB; other formats
-are re-encoded as baseline JPEG; PNGs and pixel arrays (CIFAR, synthetic) stay lossless PNG.
+are re-encoded as baseline JPEG, and so are PNG files named .jpg/.jpeg (a JPEG dataset stays all
+JPEG); other PNGs and pixel arrays (CIFAR, synthetic) stay lossless PNG. The table counts the
+images converted to RGB and those re-encoded.
 Every image is decoded once while converting, so a corrupt file is found now, not mid-training.
 
 A rerun of the same command resumes where it stopped (finished shards are kept). Output folders
-hold one conversion: a different request into the same --out is refused."""
+hold one conversion: a different request into the same --out is refused, except after a
+conversion that stopped at a bad input: the source changed to fix it starts the folder over."""
 
 CONVERT_EPILOG = """\
 sources and the options they need:
@@ -106,7 +109,7 @@ def _register_convert(subparsers) -> None:
     out.add_argument("--ffcv", action="store_true",
                      help="also write an FFCV file per split (OUT/<split>.beton); adding it to a "
                           "finished conversion by rerunning with --ffcv works too")
-    out.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+    out.add_argument("--on-error", choices=ON_ERROR, default="stop",
                      help="bad items: stop with a message naming them (default), or leave them "
                           "out and list them in OUT/skipped.json")
     p.set_defaults(handler=_convert)
@@ -156,15 +159,17 @@ def _load_source(args):
 
 def _convert(args) -> int:
     from pipeline.convert import convert
+    from pipeline.inspect import split_bytes
 
     meta = convert(_load_source(args), args.out, shard_size=args.shard_size, workers=args.workers,
                    max_side=args.max_side, quality=args.quality, ffcv=args.ffcv,
                    on_error=args.on_error)
     _print_splits(f"{meta['name']} -> {args.out}", [
         (split, m["num_samples"], sum(1 for c in m["class_counts"] if c), m["num_shards"],
-         m["bytes"], m["skipped"], m["reencoded"], m["formats"])
+         split_bytes(args.out, split, m["num_shards"]), m["skipped"], m["converted_to_rgb"],
+         m["reencoded"], m["formats"])
         for split, m in meta["splits"].items()],
-        ("split", "samples", "classes", "shards", "size", "skipped", "re-encoded", "formats"))
+        ("split", "samples", "classes", "shards", "size", "skipped", "to RGB", "re-encoded", "formats"))
     return 0
 
 
@@ -174,8 +179,11 @@ def _register_info(subparsers) -> None:
         "info", help="describe a converted dataset",
         description="Describe a converted dataset: per split the number of samples and of "
                     "non-empty classes, the imbalance ratio (largest / smallest class), how many "
-                    "classes are many-shot (> 100 training images), medium (20-100) and few "
-                    "(< 20), the formats written and the bytes on disk.",
+                    "of its classes are many-shot (> 100 training images), medium (20-100) and few "
+                    "(< 20): for every split, the test split too, the groups are decided by the "
+                    "TRAINING counts, as the field reports accuracy; then the formats written and "
+                    "the size on disk (shards, index and FFCV file; 1 MB = 10^6 bytes, the same "
+                    "figure `iccl convert` reports).",
         epilog="example:\n  iccl info data/cifar10-lt-100\n  iccl info data/cifar10-lt-100 --json "
                "| jq .splits.train.imbalance_ratio",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,7 +205,8 @@ def _info(args) -> int:
          f"{s['imbalance_ratio']:.1f}" if s["imbalance_ratio"] else "-",
          f"{s['many']}/{s['medium']}/{s['few']}", s["bytes"], s["formats"])
         for split, s in info["splits"].items()],
-        ("split", "samples", "classes", "imbalance", "many/medium/few", "size", "formats"))
+        ("split", "samples", "classes", "imbalance", "many/medium/few by train count", "size",
+         "formats"))
     return 0
 
 
@@ -220,13 +229,14 @@ def _register_verify(subparsers) -> None:
 def _verify(args) -> int:
     from pipeline.format import read_meta
     from pipeline.inspect import verify
+    from pipeline.progress import count
 
     if args.workers < 1:
         raise DataError(f"--workers {args.workers}: must be at least 1.")
     meta = read_meta(args.root)
     problems = verify(args.root, args.workers)
     if problems:
-        print(f"{len(problems)} problems in {args.root}:")
+        print(f"{count(len(problems), 'problem')} in {args.root}:")
         for p in problems:
             print(f"  - {p}")
         return 1

@@ -5,6 +5,9 @@ import argparse
 import statistics
 from pathlib import Path
 
+from pipeline.errors import DataError
+from pipeline.loaders import LOADER_CHOICES
+
 # Top-1 % after classifier rebalancing, from the paper (spec/ICCL.md): (ICCL, CE, cRT).
 PAPER = {
     "cifar10-lt": {100: (82.1, 70.4, 75.7), 50: (84.7, 74.8, 80.4), 10: (89.7, 86.4, 88.3)},
@@ -40,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated seeds; several give mean ± std")
     p.add_argument("--methods", default="ce,iccl", help="which of ce,iccl to run (default both)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--loader", default="auto")
+    p.add_argument("--loader", default="auto", choices=LOADER_CHOICES)
     p.set_defaults(handler=cmd_reproduce)
 
 
@@ -54,23 +57,29 @@ def cmd_reproduce(args) -> int:
     from train.config import resolve
     from train.runner import train
 
+    from tools.cmd_train import parse_seeds
+    from train.config import METHODS
+
     ratio = int(args.imbalance) if args.imbalance == int(args.imbalance) else args.imbalance
     out = args.out or Path(f"runs/reproduce-{args.dataset}-{ratio}")
     data = out / "data"
+    epochs = args.epochs or (None if args.full else REDUCED_EPOCHS)
+    seeds = parse_seeds(args.seeds)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or set(methods) - set(METHODS):
+        raise DataError(f"--methods {args.methods}: choose from {','.join(METHODS)}")
+    # Every run's settings are checked before the conversion and the first run start.
+    configs = {(method, seed): resolve(args.dataset, method, data=str(data.resolve()), epochs=epochs,
+                                       seed=seed, device=args.device, loader=args.loader)
+               for method in methods for seed in seeds}
     if not (data / META_FILE).is_file():
         say(f"converting {args.source} to {args.dataset} at ratio {ratio} in {data}")
         convert(load_cifar_lt(args.source, 10 if args.dataset == "cifar10-lt" else 100,
                               args.imbalance, seed=0), data)
-    epochs = args.epochs or (None if args.full else REDUCED_EPOCHS)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     reports: dict[str, list[dict]] = {m: [] for m in methods}
-    for method in methods:
-        for seed in seeds:
-            cfg = resolve(args.dataset, method, data=str(data.resolve()), epochs=epochs, seed=seed,
-                          device=args.device, loader=args.loader)
-            say(f"{method} seed {seed}: {cfg.epochs} + {cfg.s2_epochs} epochs -> {out / method / f'seed-{seed}'}")
-            reports[method].append(train(cfg, out / method / f"seed-{seed}"))
+    for (method, seed), cfg in configs.items():
+        say(f"{method} seed {seed}: {cfg.epochs} + {cfg.s2_epochs} epochs -> {out / method / f'seed-{seed}'}")
+        reports[method].append(train(cfg, out / method / f"seed-{seed}"))
     rows = {}
     if "ce" in reports:
         rows["CE"] = [r["stage1"] for r in reports["ce"]]

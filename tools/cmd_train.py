@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 from pipeline.errors import DataError
+from pipeline.loaders import LOADER_CHOICES
+from train.config import METHODS, PRESETS
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -19,7 +20,11 @@ examples:
 Presets carry the paper's recipes (ResNet-32 / ResNeXt-50 / ResNet-50, epochs, schedule, batch,
 lr, weight decay, augmentation, T_w, stage 2). The learning rate scales linearly with --batch-size
 (the preset's lr is for its own batch size). Any setting can be changed with --set KEY=VALUE
-(repeatable); `iccl train --list-settings` shows them all with the preset's values.
+(repeatable); `iccl train --list-settings` shows them all with their values and what each may be
+(add --preset NAME for another preset's values; the default lists synthetic-lt). Every setting is
+checked before anything is written: a refused run can be corrected and started again into the
+same --out. A setting given both by its flag and by --set (e.g. --batch-size 5 --set batch_size=3)
+must say the same thing.
 A run directory holds config.json, metrics.jsonl, checkpoints and report.json; pointing
 `iccl train` at an existing run resumes it exactly where it stopped. After the final evaluation
 it also holds per_class.png, weight_norms.png and curves.png; --set tensorboard=true also writes
@@ -32,27 +37,33 @@ def register(sub) -> None:
                        description="Train stage 1 (representation) and stage 2 (classifier rebalancing), "
                                    "then evaluate overall and by many / medium / few classes.",
                        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help="cifar10-lt, cifar100-lt, imagenet-lt, inat2018 or synthetic-lt "
-                                    "(not needed to resume)")
+    p.add_argument("--preset", choices=tuple(PRESETS), metavar="NAME",
+                   help=f"{', '.join(PRESETS)} (not needed to resume)")
     p.add_argument("--data", help="dataset folder written by `iccl convert`")
     p.add_argument("--out", type=Path, help="run directory (created, or resumed); required except with "
                                            "--list-settings")
-    p.add_argument("--method", choices=("iccl", "ce"), default=None,
+    p.add_argument("--method", choices=METHODS, default=None,
                    help="iccl (default), or ce: plain cross-entropy then cRT, on the same machinery")
     p.add_argument("--epochs", type=int, help="stage-1 epochs; T_w (warmup_epochs) and lr_steps scale "
                                               "with it unless also given with --set")
     p.add_argument("--batch-size", type=int, help="global batch per stream (all processes together)")
     p.add_argument("--lr", type=float, help="stage-1 learning rate for the preset's batch size")
     p.add_argument("--seed", type=int, help="seed of initialisation, sampling, augmentation (default 0)")
-    p.add_argument("--seeds", help="comma-separated seeds: one run per seed in OUT/seed-S, then mean ± std")
-    p.add_argument("--loader", choices=("auto", "resident", "dali", "ffcv", "reference"),
-                   help="data loader (auto: resident for small fixed-size images, else DALI)")
-    p.add_argument("--workers", type=int, help="decode threads / worker processes per process")
+    p.add_argument("--seeds", help="comma-separated seeds (whole numbers >= 0, each once): one run per "
+                                   "seed in OUT/seed-S, then mean ± std; replaces --seed")
+    p.add_argument("--loader", choices=LOADER_CHOICES,
+                   help="data loader (auto: resident when the decoded images fit in memory; else ffcv "
+                        "on a CPU when the split has a .beton; else dali when installed; else "
+                        "reference)")
+    p.add_argument("--workers", type=int, help="decode threads / worker processes per process (>= 0; "
+                                               "0: the reference loader decodes in this process)")
     p.add_argument("--device", help="auto (default), cpu, cuda")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting, e.g. --set warmup_epochs=50 --set lr_steps=60,80")
-    p.add_argument("--list-settings", action="store_true", help="print all settings of the preset and exit")
+    p.add_argument("--list-settings", action="store_true",
+                   help="print every setting (of --preset, of the run in --out, else of synthetic-lt) "
+                        "with what it may be, and exit")
     p.set_defaults(handler=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a trained run (overall, many / medium / few)",
@@ -62,7 +73,7 @@ def register(sub) -> None:
     e.add_argument("--run", required=True, type=Path, help="run directory made by `iccl train`")
     e.add_argument("--stage", type=int, choices=(1, 2), default=2, help="2: after rebalancing (default)")
     e.add_argument("--data", help="dataset folder, if it moved since training")
-    e.add_argument("--loader", choices=("auto", "resident", "dali", "ffcv", "reference"))
+    e.add_argument("--loader", choices=LOADER_CHOICES)
     e.add_argument("--json", type=Path, help="also write the result (with per-class accuracy) here")
     e.set_defaults(handler=cmd_eval)
 
@@ -71,7 +82,7 @@ def register(sub) -> None:
                                    "train ICCL through both stages and print the many / medium / few table. "
                                    "Rerunning resumes; nothing is downloaded.")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="where data and run go (runs/demo)")
-    d.add_argument("--method", choices=("iccl", "ce"), default="iccl")
+    d.add_argument("--method", choices=METHODS, default="iccl")
     d.add_argument("--epochs", type=int, help="stage-1 epochs (default: the synthetic-lt preset's)")
     d.set_defaults(handler=cmd_demo)
 
@@ -86,40 +97,58 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _resolve(args, seed: int | None = None):
+def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
+    """`0,1,2` -> [0, 1, 2]; DataError for anything else (not whole numbers, negative, repeated)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise DataError(f"{flag} {text}: expected distinct whole numbers >= 0 separated by commas, "
+                        f"e.g. {flag} 0,1,2")
+    return seeds
+
+
+def _resolve(args, seed: int | None = None, list_only: bool = False):
+    """The validated config of this command line: a new run's (from --preset), or the saved
+    run's in --out with this command's flags and --set applied."""
     from train.config import load_config_json, resolve
-    if args.out is None and args.preset is None:
-        raise DataError("pass --preset NAME (or --out RUN_DIR of an existing run)")
     saved = args.out / "config.json" if args.out else None
     explicit = dict(data=str(Path(args.data).resolve()) if args.data else None, epochs=args.epochs,
                     batch_size=args.batch_size, lr=args.lr, seed=seed if seed is not None else args.seed,
                     loader=args.loader, workers=args.workers, device=args.device, compile=args.compile)
-    if args.preset is None:
-        if not (saved and saved.is_file()):
-            raise DataError(f"{args.out}: no run to resume there; pass --preset and --data to start one.")
-        values = load_config_json(saved).to_dict()
-        preset, method = values.pop("preset"), values.pop("method")
-        values.update({k: v for k, v in explicit.items() if v is not None})
-        return resolve(preset, method, parse_overrides(args.set), **values)
-    return resolve(args.preset, args.method or "iccl", parse_overrides(args.set), **explicit)
+    overrides = parse_overrides(args.set)
+    if args.preset is None and "preset" not in overrides:
+        if saved is not None and saved.is_file():
+            return resolve(None, args.method, overrides, base=load_config_json(saved).to_dict(),
+                           **explicit)
+        if not list_only:
+            where = f"{args.out}: no run to resume there; pass" if args.out else "pass"
+            raise DataError(f"{where} --preset NAME and --data DIR to start one.")
+        args.preset = "synthetic-lt"  # --list-settings alone: the default preset's settings
+    return resolve(args.preset, args.method, overrides, **explicit)
 
 
 def cmd_train(args) -> int:
     from tools.report_table import mean_std_table, print_table, results_table
+    from train.config import allowed
     from train.runner import train
     if args.list_settings:
-        cfg = _resolve(args)
+        cfg = _resolve(args, list_only=True)
+        print(f"# preset {cfg.preset}, method {cfg.method}: KEY = VALUE  # what it may be")
         for k, v in cfg.to_dict().items():
-            print(f"{k} = {v}")
+            print(f"{k} = {v}" + (f"  # {allowed(k)}" if allowed(k) else ""))
         return 0
     if args.out is None:
         raise DataError("--out DIR is required: the run directory to create (or to resume)")
     if args.seeds:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        reports = []
-        for s in seeds:
-            sub = argparse.Namespace(**{**vars(args), "out": args.out / f"seed-{s}"})
-            reports.append(train(_resolve(sub, seed=s), sub.out))
+        seeds = parse_seeds(args.seeds)
+        if args.seed is not None or "seed" in parse_overrides(args.set):
+            raise DataError("--seeds and --seed (or --set seed=...) both choose the seed; give one.")
+        # Every seed's settings are checked before the first run starts.
+        runs = [(s, args.out / f"seed-{s}") for s in seeds]
+        configs = [_resolve(argparse.Namespace(**{**vars(args), "out": out}), seed=s) for s, out in runs]
+        reports = [train(cfg, out) for cfg, (_, out) in zip(configs, runs)]
         if _is_main():
             runs = {"stage 1": [r["stage1"] for r in reports], "stage 2": [r["stage2"] for r in reports]}
             print_table(mean_std_table(runs, f"{args.out}: top-1 % over seeds {args.seeds}"))
@@ -149,6 +178,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from pipeline.atomic import output_dir
     from pipeline.convert import convert
     from pipeline.format import META_FILE
     from pipeline.progress import say
@@ -157,13 +187,13 @@ def cmd_demo(args) -> int:
     from train.config import resolve
     from train.runner import train
     data = args.out / "data"
+    cfg = resolve("synthetic-lt", args.method, data=str(data.resolve()), epochs=args.epochs)
+    output_dir(args.out, "--out")  # checked before the data are made
     if not (data / META_FILE).is_file():
         say(f"making the synthetic long-tailed dataset in {data}")
         convert(make_synthetic_lt(), data)
-    cfg = resolve("synthetic-lt", args.method, data=str(data.resolve()), epochs=args.epochs)
     run = args.out / f"run-{args.method}"
     report = train(cfg, run)
     print_table(results_table({"stage 1": report["stage1"], "stage 2 (rebalanced)": report["stage2"]},
                               f"{args.method.upper()} demo ({run}): top-1 %"))
-    print(json.dumps({k: round(v, 2) for k, v in report["stage2"].items() if isinstance(v, float)}))
-    return 0
+    return 0  # the numbers are in RUN/report.json; `iccl eval --run RUN --json FILE` writes them too

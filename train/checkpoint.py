@@ -5,24 +5,17 @@ executes code from the file.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from pipeline.atomic import tmp_name
+from pipeline.atomic import atomic_path
 from pipeline.errors import DataError
 
 
 def save(path: Path, state: dict) -> None:
-    tmp = tmp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load(path: Path) -> dict:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 
-from pipeline.device import AMP_MODES
 from pipeline.errors import DataError
 
 
@@ -86,7 +86,7 @@ class Config:
         if unknown:
             raise DataError(f"unknown config keys {sorted(unknown)}")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**kw)
+        return cls(**kw)  # types and values are checked by `validate`
 
     def scaled_lr(self, lr: float) -> float:
         return lr * self.batch_size / self.lr_ref_batch
@@ -130,7 +130,91 @@ PRESETS: dict[str, dict] = {
 CE_OVERRIDES = dict(s2_gamma=0.0, s2_beta=0.0, s2_reinit_classifier=True)
 
 
-def _parse_value(cur, text: str, key: str):
+METHODS = ("iccl", "ce")
+SCHEDULES = ("step", "cosine")
+AUGMENTS = ("pad_crop", "rrc")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed numbers: lo <= x (lo < x when lo_open) and x <= hi; None: no bound on that side."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+
+    def holds(self, x) -> bool:
+        return ((self.lo is None or (x > self.lo if self.lo_open else x >= self.lo))
+                and (self.hi is None or x <= self.hi))
+
+    def __str__(self) -> str:
+        def num(x) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}]"
+
+
+_POSITIVE, _AT_LEAST_1, _NON_NEGATIVE, _UNIT = Range(0, lo_open=True), Range(1), Range(0), Range(0, 1)
+
+# The one list of what each setting may be. Choice-valued settings whose list lives with the code
+# that acts on them are checked through that code (`_check_owned`): loader (pipeline.loaders),
+# amp and device (pipeline.device), arch (model.network). A tuple setting's Range holds for each item.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "preset": tuple(PRESETS), "method": METHODS, "schedule": SCHEDULES, "augment": AUGMENTS,
+}
+RANGES: dict[str, Range] = {
+    "seed": Range(0, 2**32 - 1), "proj_dim": _AT_LEAST_1, "proj_hidden": _AT_LEAST_1,
+    "workers": _NON_NEGATIVE, "image_size": _AT_LEAST_1, "pad": _NON_NEGATIVE, "jitter": _UNIT,
+    "eval_resize": _AT_LEAST_1, "std": _POSITIVE,
+    "epochs": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "lr": _POSITIVE, "lr_ref_batch": _AT_LEAST_1,
+    "momentum": _UNIT, "weight_decay": _NON_NEGATIVE,
+    "lr_warmup_epochs": _NON_NEGATIVE, "lr_steps": _NON_NEGATIVE, "lr_step_factor": Range(0, 1, lo_open=True),
+    "warmup_epochs": _NON_NEGATIVE, "alpha": _POSITIVE, "tau": _POSITIVE, "centroid_momentum": _UNIT,
+    "w_u": _NON_NEGATIVE, "w_u_after_warmup": _NON_NEGATIVE, "w_il": _NON_NEGATIVE,
+    "s2_epochs": _NON_NEGATIVE, "s2_lr": _POSITIVE, "s2_beta": _UNIT, "s2_temperature": _POSITIVE,
+    "eval_every": _NON_NEGATIVE, "eval_batch_size": _AT_LEAST_1, "checkpoint_minutes": _NON_NEGATIVE,
+    "log_every": _AT_LEAST_1,
+}
+# Free-text settings, checked against the dataset when a run starts.
+TEXT_SETTINGS = {"data": "a folder written by `iccl convert`", "train_split": "a split of the dataset",
+                 "eval_split": "a split of the dataset"}
+# Settings that hold three values (one per RGB channel).
+RGB_SETTINGS = ("mean", "std")
+# Dedicated flags of `iccl train` for some settings (the same setting may also come with --set).
+FLAGS = {"batch_size": "--batch-size", "epochs": "--epochs", "lr": "--lr", "seed": "--seed",
+         "loader": "--loader", "workers": "--workers", "device": "--device", "compile": "--compile",
+         "data": "--data", "preset": "--preset", "method": "--method"}
+_DEFAULTS = Config()  # the type of each setting (a --set string is parsed to it)
+
+
+def allowed(key: str) -> str:
+    """What `key` may be, in words (for messages and `iccl train --list-settings`)."""
+    if key in CHOICES:
+        return "one of " + ", ".join(CHOICES[key])
+    if key == "loader":
+        from pipeline.loaders import LOADER_CHOICES
+        return "one of " + ", ".join(LOADER_CHOICES)
+    if key == "amp":
+        from pipeline.device import AMP_MODES
+        return "one of " + ", ".join(AMP_MODES)
+    if key == "device":
+        return "auto, cpu, cuda or cuda:N"  # as pipeline.device.pick_device takes them
+    if key == "arch":
+        from model.network import ARCHITECTURES
+        return "one of " + ", ".join(ARCHITECTURES)
+    if key in TEXT_SETTINGS:
+        return TEXT_SETTINGS[key]
+    if key in RANGES:
+        default = getattr(_DEFAULTS, key)
+        return ("3 values, each " if key in RGB_SETTINGS else "values, each " if isinstance(default, tuple)
+                else "none, or " if default is None else "") + str(RANGES[key])
+    kind = type(getattr(_DEFAULTS, key))
+    return {bool: "true or false", str: "text"}.get(kind, "3 numbers" if key in RGB_SETTINGS else "")
+
+
+def _parse_value(key: str, text: str):
+    """A `--set key=text` string as the setting's type (that of its default)."""
+    cur = getattr(_DEFAULTS, key)
     try:
         if isinstance(cur, bool):
             if text.lower() in ("1", "true", "yes", "on"):
@@ -146,58 +230,122 @@ def _parse_value(cur, text: str, key: str):
             return None if text.lower() == "none" else int(text)
         return type(cur)(text)
     except ValueError:
-        raise DataError(f"--set {key}={text}: expected a value like {cur!r}") from None
+        example = ",".join(map(str, cur)) if isinstance(cur, tuple) else cur
+        raise DataError(f"--set {key}={text}: expected a value like {example}"
+                        f"{' (' + allowed(key) + ')' if allowed(key) else ''}") from None
 
 
-def resolve(preset: str, method: str = "iccl", overrides: dict[str, str] | None = None,
-            **explicit) -> Config:
-    """Preset, then the method's changes, then `explicit` typed values, then `--set` strings.
-    Changing `epochs` scales `warmup_epochs` (T_w) and `lr_steps` with it unless they are given."""
-    if preset not in PRESETS:
-        raise DataError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if method not in ("iccl", "ce"):
-        raise DataError(f"unknown method {method!r}; choose iccl or ce")
-    values = dict(PRESETS[preset], preset=preset, method=method)
-    if method == "ce":
-        values.update(CE_OVERRIDES)
-    epochs = explicit.get("epochs")
-    if epochs and epochs != values["epochs"]:
+def resolve(preset: str | None = None, method: str | None = None,
+            overrides: dict[str, str] | None = None, *, base: dict | None = None, **explicit) -> Config:
+    """The config of a run: the preset's recipe (or `base`, a saved run's settings), then the
+    method's changes, then `explicit` typed values (dedicated flags; None: not given), then
+    `overrides` (`--set` strings). A setting given both as a flag and with --set must agree, else
+    DataError. Changing `epochs` (either way) scales `warmup_epochs` (T_w) and `lr_steps` with it
+    unless they are given too. Everything is validated (`validate`) before it is returned."""
+    known = {f.name for f in fields(Config)}
+    said = {}
+    for key, text in (overrides or {}).items():
+        if key not in known:
+            raise DataError(f"--set {key}=...: no such setting. Settings: {', '.join(sorted(known))} "
+                            f"(`iccl train --list-settings` shows them with their values)")
+        said[key] = _parse_value(key, text)
+    flags = {k: v for k, v in dict(explicit, preset=preset, method=method).items() if v is not None}
+    for key in set(flags) & set(said):
+        if flags[key] != said[key]:
+            flag = FLAGS.get(key, key)
+            raise DataError(f"{flag} {flags[key]} and --set {key}={overrides[key]} say different "
+                            f"things; give the setting once.")
+    given = {**flags, **said}
+    if base is None:
+        preset, method = given.pop("preset", None), given.pop("method", "iccl")
+        if preset not in PRESETS:
+            raise DataError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}"
+                            if preset else f"pass --preset NAME, one of {', '.join(PRESETS)}")
+        if method not in METHODS:
+            raise DataError(f"method={method!r}: choose one of {', '.join(METHODS)}")
+        values = dict(PRESETS[preset], preset=preset, method=method)
+        if method == "ce":
+            values.update(CE_OVERRIDES)
+    else:
+        values = dict(base)
+    epochs = given.get("epochs")
+    if epochs and epochs != values.get("epochs", _DEFAULTS.epochs) and base is None:
         # A shorter or longer run keeps the recipe's shape: T_w and the lr steps scale with it.
         f = epochs / values["epochs"]
         values["warmup_epochs"] = round(values["warmup_epochs"] * f)
         if "lr_steps" in values:  # cosine presets have no steps
             values["lr_steps"] = tuple(round(s * f) for s in values["lr_steps"])
-    values.update({k: v for k, v in explicit.items() if v is not None})
-    cfg = Config(**values)
-    for key, text in (overrides or {}).items():
-        if key not in {f.name for f in fields(Config)}:
-            raise DataError(f"--set {key}=...: no such setting. Settings: "
-                            f"{', '.join(f.name for f in fields(Config))}")
-        setattr(cfg, key, _parse_value(getattr(cfg, key), text, key))
+    values.update(given)
+    cfg = Config.from_dict(values)
     validate(cfg)
     return cfg
 
 
-def validate(cfg: Config) -> None:
+def _type_problem(key: str, value) -> str | None:
+    cur = getattr(_DEFAULTS, key)
+    number = (int, float) if isinstance(cur, float) else (int,)
+    if isinstance(cur, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(cur, (int, float)) or cur is None:
+        ok = (cur is None and value is None) or (isinstance(value, number) and not isinstance(value, bool))
+    elif isinstance(cur, tuple):
+        kinds = (int,) if cur and isinstance(cur[0], int) else (int, float)
+        ok = isinstance(value, (tuple, list)) and all(
+            isinstance(v, kinds) and not isinstance(v, bool) for v in value)
+    else:
+        ok = isinstance(value, str)
+    return None if ok else f"{key}={value!r}: expected a value like {cur!r}"
+
+
+def _value_problem(key: str, value) -> str | None:
+    if key in CHOICES and value not in CHOICES[key]:
+        return f"{key}={value!r}: {allowed(key)}"
+    if key in RGB_SETTINGS and len(value) != 3:
+        return f"{key}={value!r}: needs 3 values (R, G, B)"
+    if isinstance(value, (str, bool)):
+        return None
+    rule = RANGES.get(key)
+    items = value if isinstance(value, (tuple, list)) else () if value is None else (value,)
+    for v in items:
+        if not math.isfinite(v) or (rule is not None and not rule.holds(v)):
+            return f"{key}={value!r}: must be {'each ' if len(items) > 1 else ''}{rule or 'finite'}"
+    return None
+
+
+def _check_owned(cfg: Config) -> list[str]:
+    """The settings whose allowed values are kept by the code that uses them."""
+    from model.network import check_arch
+    from pipeline.device import AMP_MODES, pick_device
+    from pipeline.loaders import LOADER_CHOICES
+
     problems = []
-    if cfg.epochs < 1:
-        problems.append("epochs must be >= 1")
-    if not 0 <= cfg.warmup_epochs <= cfg.epochs:
-        problems.append(f"warmup_epochs={cfg.warmup_epochs} must be within [0, epochs={cfg.epochs}]")
-    if cfg.schedule not in ("step", "cosine"):
-        problems.append(f"schedule={cfg.schedule!r}: use step or cosine")
-    if cfg.augment not in ("pad_crop", "rrc"):
-        problems.append(f"augment={cfg.augment!r}: use pad_crop or rrc")
-    if cfg.batch_size < 1 or cfg.s2_epochs < 0:
-        problems.append("batch_size must be >= 1 and s2_epochs >= 0")
-    if not 0.0 <= cfg.s2_beta <= 1.0:
-        problems.append(f"s2_beta={cfg.s2_beta} must be in [0, 1]")
-    if cfg.alpha <= 0 or cfg.tau <= 0:
-        problems.append("alpha and tau must be > 0")
+    if cfg.loader not in LOADER_CHOICES:
+        problems.append(f"loader={cfg.loader!r}: {allowed('loader')}")
     if cfg.amp not in AMP_MODES:
-        problems.append(f"amp={cfg.amp!r}: use {', '.join(AMP_MODES)}")
+        problems.append(f"amp={cfg.amp!r}: {allowed('amp')}")
+    try:
+        check_arch(cfg.arch)
+    except ValueError as e:
+        problems.append(f"arch={cfg.arch!r}: {e}")
+    try:
+        pick_device(cfg.device)
+    except DataError as e:
+        problems.append(f"device={cfg.device!r}: {e}")
+    return problems
+
+
+def validate(cfg: Config) -> None:
+    """DataError listing every setting of `cfg` outside what it may be (CHOICES, RANGES, the
+    lists kept by loaders, devices and networks), and settings that contradict each other."""
+    problems = [p for f in fields(Config) for p in [_type_problem(f.name, getattr(cfg, f.name))] if p]
+    if not problems:  # values are only comparable once their types are right
+        problems = [p for f in fields(Config) for p in [_value_problem(f.name, getattr(cfg, f.name))] if p]
+        problems += _check_owned(cfg)
+        if cfg.warmup_epochs > cfg.epochs:
+            problems.append(f"warmup_epochs={cfg.warmup_epochs} must be within [0, epochs={cfg.epochs}]")
     if problems:
-        raise DataError("invalid configuration: " + "; ".join(problems))
+        raise DataError("invalid configuration: " + "; ".join(problems)
+                        + " (`iccl train --list-settings` shows what each setting may be)")
 
 
 def load_config_json(path) -> Config:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.atomic import output_dir
 from pipeline.dataset import ShardedSplit
 from pipeline.device import autocast_dtype, pick_device, upload
 from pipeline.errors import DataError
@@ -106,8 +107,20 @@ def _seed_of(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
 
 
-def build_context(cfg: Config, run_dir: Path, with_eval: bool = True) -> Context:
-    """`with_eval` False: no evaluation split is needed (benchmarks)."""
+def _check_batch(cfg: Config, train: ShardedSplit, world_size: int) -> None:
+    """The global batch must fit the training split once and split evenly over the processes."""
+    if cfg.batch_size > len(train):
+        raise DataError(f"--batch-size {cfg.batch_size}: the {cfg.train_split} split of {cfg.data} has "
+                        f"{len(train)} samples, fewer than one batch. Lower the batch size (at most "
+                        f"{len(train)}).")
+    if cfg.batch_size % world_size:
+        raise DataError(f"--batch-size {cfg.batch_size}: not a multiple of the {world_size} processes; "
+                        f"change the batch size or the process count.")
+
+
+def build_context(cfg: Config, run_dir: Path, with_eval: bool = True, training: bool = True) -> Context:
+    """`with_eval` False: no evaluation split is needed (benchmarks). `training` False: only
+    evaluation follows (no batch to fit, nothing to write in `run_dir`)."""
     device = pick_device(cfg.device)
     dist = init_from_env(device)
     if device.type == "cpu":
@@ -121,7 +134,11 @@ def build_context(cfg: Config, run_dir: Path, with_eval: bool = True) -> Context
             raise DataError(f"{cfg.data}: no {cfg.eval_split!r} split to evaluate on (it has "
                             f"{sorted(train.meta['splits'])}); pass --set eval_split=NAME")
         eval_split = ShardedSplit(cfg.data, cfg.eval_split)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if training:
+        # Checked before anything is written, so that a refused run can be corrected and started
+        # again into the same folder; a run that exists already (resume) is not probed for writing.
+        _check_batch(cfg, train, dist.world_size)
+        output_dir(run_dir, "--out", probe=not (run_dir / "config.json").is_file())
     return Context(cfg=cfg, run_dir=run_dir, device=device, dist=dist, train=train, eval=eval_split,
                    metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main,
                                       tensorboard_dir=run_dir / "tensorboard" if cfg.tensorboard else None),

@@ -193,7 +193,7 @@ def evaluate_run(run_dir: Path, stage: int = 2, data: str | None = None, loader:
     cfg = Config.from_dict(saved["config"])
     cfg.data = data or cfg.data
     cfg.loader = loader or cfg.loader
-    ctx = build_context(cfg, run_dir)
+    ctx = build_context(cfg, run_dir, training=False)
     try:
         _check_data(ctx, saved)
         net = prepare(new_network(cfg, ctx.num_classes), ctx)

@@ -8,21 +8,24 @@ and every eval loader as
     cls(split, spec=EvalSpec, batch_size=int, rank=int, world_size=int, device=torch.device,
         workers=int).
 Loader modules are imported only when chosen: DALI and FFCV may be absent on a user's machine.
+Importing this package is light (no torch): `LOADERS` is the one list of loader names, read by the
+command line's choices, the config's validation and the benchmarks; torch and the loader classes
+load on first use.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-
-from pipeline.dataset import ShardedSplit
 from pipeline.errors import DataError
-from pipeline.loaders.base import AugmentSpec, Batch, EvalLoader, EvalSpec, TrainLoader
-from pipeline.samplers import ClassAwareSampler, UniformSampler
+
+if TYPE_CHECKING:
+    from pipeline.dataset import ShardedSplit
+    from pipeline.loaders.base import AugmentSpec, EvalLoader, EvalSpec, TrainLoader
 
 LOADERS = ("resident", "dali", "ffcv", "reference")
+LOADER_CHOICES = ("auto", *LOADERS)  # "auto": see `choose_loader`
 
 # name -> (module, train class, eval class, what to install when the module's imports fail)
 _CLASSES = {
@@ -32,13 +35,24 @@ _CLASSES = {
     "reference": ("pipeline.loaders.reference", "ReferenceLoader", "ReferenceEvalLoader", None),
 }
 
-__all__ = ["LOADERS", "Batch", "AugmentSpec", "EvalSpec", "TrainLoader", "EvalLoader",
+__all__ = ["LOADERS", "LOADER_CHOICES", "Batch", "AugmentSpec", "EvalSpec", "TrainLoader", "EvalLoader",
            "choose_loader", "make_train_loader", "make_eval_loader"]
+
+
+_BASE_NAMES = ("Batch", "AugmentSpec", "EvalSpec", "TrainLoader", "EvalLoader")
+
+
+def __getattr__(name: str):
+    """The re-exported base types, imported (with torch) when first asked for."""
+    if name in _BASE_NAMES:
+        from pipeline.loaders import base
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _loader_class(name: str, train: bool):
     if name not in _CLASSES:
-        raise DataError(f"--loader {name!r}: unknown; choose one of auto, {', '.join(LOADERS)}")
+        raise DataError(f"--loader {name!r}: unknown; choose one of {', '.join(LOADER_CHOICES)}")
     module, train_cls, eval_cls, package = _CLASSES[name]
     try:
         mod = importlib.import_module(module)
@@ -71,7 +85,10 @@ def choose_loader(split: ShardedSplit, augment: Optional[AugmentSpec], device, *
     a CPU with the split's `.beton` present (`iccl convert --ffcv`), FFCV (measured ~1.7x the
     reference loader on ImageNet-size JPEGs, where DALI's CPU resize is no faster than Pillow);
     else DALI when installed (on a GPU it decodes there); else the reference loader."""
+    import torch
+
     from pipeline.loaders import resident  # light: no optional dependencies
+    from pipeline.loaders.base import EvalSpec
 
     budget = resident.resident_budget(device)
     if augment is not None:
@@ -105,6 +122,10 @@ def make_train_loader(split: ShardedSplit, *, loader: str = "auto", batch_size: 
     defaults to len(split) // batch_size and may not exceed it while the uniform stream is on
     (an epoch is one pass of the permutation).
     """
+    import torch
+
+    from pipeline.samplers import ClassAwareSampler, UniformSampler
+
     if not uniform and class_aware_gamma is None:
         raise DataError("a training loader needs at least one stream: "
                         "set uniform=True or a class-aware gamma")
@@ -133,6 +154,8 @@ def make_eval_loader(split: ShardedSplit, *, loader: str = "auto", batch_size: i
                      rank: int = 0, world_size: int = 1, device, workers: int = 2) -> EvalLoader:
     """An eval loader: this rank's contiguous shard of `split`, each sample once, in order;
     `batch_size` is per process."""
+    import torch
+
     device = torch.device(device)
     name = (choose_loader(split, None, device, eval_spec=spec, world_size=world_size)
             if loader == "auto" else loader)

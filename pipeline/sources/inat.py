@@ -142,7 +142,7 @@ def _json_entries(path: Path, doc: dict, label_of: dict[int, int]):
         origins.append(f"{path.name}:images[{i}]")
     if category_of:
         orphan = next(iter(category_of))
-        raise DataError(f"{path}: {len(category_of)} annotations refer to images that are not listed "
+        raise DataError(f"{path}: annotations that refer to images not listed ({len(category_of)}) "
                         f"(e.g. image_id {orphan}). Use the official annotation file.")
     if not relpaths:
         raise DataError(f"{path}: no images. Use the official annotation file.")

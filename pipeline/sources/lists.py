@@ -205,7 +205,7 @@ def check_train_covers_classes(counts: np.ndarray, classes: list[str], where: st
     if empty:
         shown = ", ".join(f"{k} ({classes[k]})" for k in empty[:MAX_NAMED])
         more = f" and {len(empty) - MAX_NAMED} more" if len(empty) > MAX_NAMED else ""
-        raise DataError(f"{where}: {len(empty)} classes have no training image: {shown}{more}. {fix}")
+        raise DataError(f"{where}: classes without a training image ({len(empty)}): {shown}{more}. {fix}")
 
 
 def absolute_items(root: Path, relpaths: list[str]) -> list[str]:
