@@ -1,4 +1,4 @@
-"""Run configuration: one flat, typed record; presets carry the paper's recipes (spec/ICCL.md).
+"""Run configuration: one flat, typed record; presets carry the paper's recipes (docs/METHOD.md).
 
 Every field can be overridden from the command line (`iccl train ... --set key=value`); the resolved
 config is saved as `config.json` in the run directory and inside every checkpoint, so a run can be
@@ -42,6 +42,7 @@ class Config:
     lr: float = 0.1
     lr_ref_batch: int = 128
     momentum: float = 0.9
+    nesterov: bool = False         # Nesterov momentum (BBN's CIFAR code uses it; the presets do not)
     weight_decay: float = 2e-4
     schedule: str = "step"         # "step": linear warm-up then x lr_step_factor at lr_steps; "cosine"
     lr_warmup_epochs: int = 5
@@ -50,13 +51,20 @@ class Config:
     # ICCL (stage 1)
     warmup_epochs: int = 100       # T_w: uniform branch only (CE + centroid contrastive)
     gamma: float = 0.0             # class-aware sampler p_k ~ n_k^-gamma
-    alpha: float = 1.0             # lambda ~ Beta(alpha, alpha)
+    alpha: float = 1.0             # lambda ~ Beta(alpha, alpha_b): the weight of the class-agnostic image
+    alpha_b: float = 1.0           # second Beta parameter (the paper's Table 5 tries Beta(0.2, 1.0))
     tau: float = 0.1
     centroid_momentum: float = 0.99
-    w_u: float = 1.0               # weight of the uniform-branch CE (Eq. 8)
-    w_u_after_warmup: float = 0.0  # CIFAR: the paper drops the uniform CE after warm-up
+    w_u: float = 1.0               # w^u of Eq. 8: weight of the uniform-branch CE, warm-up included
+    w_u_zero_after_warmup: bool = False  # the paper's CIFAR rule: w^u = 0 once the warm-up ends
     w_il: float = 1.0
-    # stage 2 (classifier rebalancing)
+    # stage 2 (classifier rebalancing): one of STAGE2_CHOICES, see docs/METHOD.md
+    stage2: str = "distill"
+    val_fraction: float = 0.0      # per class, held out of BOTH stages as the validation split
+    s2_tau_norm_grid: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))  # tau_norm exponent
+    s2_logit_adjust_grid: tuple[float, ...] = tuple(round(0.25 * i, 2) for i in range(13))  # LA tau
+    s2_mislas_eps_head: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)  # epsilon_1 candidates (MiSLAS)
+    s2_mislas_eps_tail: float = 0.0  # epsilon_K (MiSLAS's CIFAR-10 value)
     s2_epochs: int = 10
     s2_lr: float = 0.01            # for a global batch of lr_ref_batch, cosine to 0
     s2_gamma: float = 1.0
@@ -81,11 +89,19 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         known = {f.name for f in fields(cls)}
+        d = dict(d)
+        if "w_u_after_warmup" in d:  # runs written before the CIFAR rule became a switch
+            d["w_u_zero_after_warmup"] = d.pop("w_u_after_warmup") == 0
         unknown = set(d) - known
         if unknown:
             raise DataError(f"unknown config keys {sorted(unknown)}")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**kw)
+
+    @property
+    def w_u_after_warmup(self) -> float:
+        """w^u once the warm-up is over: 0 under the CIFAR rule, else w_u."""
+        return 0.0 if self.w_u_zero_after_warmup else self.w_u
 
     def scaled_lr(self, lr: float) -> float:
         return lr * self.batch_size / self.lr_ref_batch
@@ -95,7 +111,7 @@ def _cifar(**kw) -> dict:
     base = dict(arch="resnet32", proj_dim=64, augment="pad_crop", image_size=32, eval_resize=32,
                 epochs=200, batch_size=128, lr=0.1, lr_ref_batch=128, weight_decay=2e-4,
                 schedule="step", lr_warmup_epochs=5, lr_steps=(120, 160), lr_step_factor=0.01,
-                warmup_epochs=100, w_u_after_warmup=0.0, s2_epochs=10, s2_lr=0.01,
+                warmup_epochs=100, w_u_zero_after_warmup=True, s2_epochs=10, s2_lr=0.01,
                 s2_finetune_encoder=True)
     base.update(kw)
     return base
@@ -110,12 +126,12 @@ PRESETS: dict[str, dict] = {
     "imagenet-lt": dict(
         arch="resnext50_32x4d", proj_dim=128, augment="rrc", image_size=224, eval_resize=256, jitter=0.4,
         mean=_IMAGENET_MEAN, std=_IMAGENET_STD, epochs=90, batch_size=256, lr=0.1, lr_ref_batch=256,
-        weight_decay=5e-4, schedule="cosine", lr_warmup_epochs=0, warmup_epochs=45, w_u_after_warmup=1.0,
+        weight_decay=5e-4, schedule="cosine", lr_warmup_epochs=0, warmup_epochs=45,
         s2_epochs=10, s2_lr=0.1, s2_finetune_encoder=False, workers=8),
     "inat2018": dict(
         arch="resnet50", proj_dim=128, augment="rrc", image_size=224, eval_resize=256, jitter=0.0,
         mean=_IMAGENET_MEAN, std=_IMAGENET_STD, epochs=90, batch_size=512, lr=0.2, lr_ref_batch=512,
-        weight_decay=1e-4, schedule="cosine", lr_warmup_epochs=0, warmup_epochs=45, w_u_after_warmup=1.0,
+        weight_decay=1e-4, schedule="cosine", lr_warmup_epochs=0, warmup_epochs=45,
         s2_epochs=10, s2_lr=0.2, s2_finetune_encoder=False, eval_split="val", workers=8),
     # The embedded demo: ~3 minutes on 2 CPU cores; the CIFAR recipe's shape at 30 epochs. Its few
     # classes have 5-13 images, so stage 2 keeps the encoder frozen (fine-tuning it on a reverse-
@@ -124,9 +140,25 @@ PRESETS: dict[str, dict] = {
                            s2_epochs=4, s2_finetune_encoder=False),
 }
 
+# The stage-2 family (docs/METHOD.md): the paper's distillation and the classifier-rebalancing
+# baselines of Decoupling (cRT, NCM, tau-norm, LWS), post-hoc logit adjustment and MiSLAS.
+STAGE2_CHOICES = ("distill", "crt", "ncm", "tau_norm", "lws", "logit_adjust", "mislas")
+# What each choice changes, like a preset: `--set` still overrides any of it. cRT, LWS and MiSLAS
+# sample class-balanced (gamma' = 0) and keep the representation frozen, as their papers do.
+_REBALANCE = dict(s2_gamma=0.0, s2_beta=0.0, s2_finetune_encoder=False)
+STAGE2_DEFAULTS: dict[str, dict] = {
+    "distill": {},
+    "crt": dict(_REBALANCE, s2_reinit_classifier=True),
+    "ncm": dict(_REBALANCE),
+    "tau_norm": dict(_REBALANCE),
+    "lws": dict(_REBALANCE),
+    "logit_adjust": dict(_REBALANCE),
+    "mislas": dict(_REBALANCE),
+}
+
 # What --method ce changes: no second stream, no projection loss; stage 2 is cRT (class-balanced,
-# re-initialised classifier, no distillation), as in the Decoupling work.
-CE_OVERRIDES = dict(s2_gamma=0.0, s2_beta=0.0, s2_reinit_classifier=True)
+# re-initialised classifier, frozen representation, no distillation), as in the Decoupling work.
+CE_OVERRIDES = dict(STAGE2_DEFAULTS["crt"], stage2="crt")
 
 
 def _parse_value(cur, text: str, key: str):
@@ -167,8 +199,14 @@ def resolve(preset: str, method: str = "iccl", overrides: dict[str, str] | None 
         if "lr_steps" in values:  # cosine presets have no steps
             values["lr_steps"] = tuple(round(s * f) for s in values["lr_steps"])
     values.update({k: v for k, v in explicit.items() if v is not None})
+    overrides = dict(overrides or {})
+    if "stage2" in overrides:  # a stage-2 choice brings its defaults before the other --set values
+        choice = overrides.pop("stage2")
+        if choice not in STAGE2_CHOICES:
+            raise DataError(f"--set stage2={choice}: choose one of {', '.join(STAGE2_CHOICES)}")
+        values.update(STAGE2_DEFAULTS[choice], stage2=choice)
     cfg = Config(**values)
-    for key, text in (overrides or {}).items():
+    for key, text in overrides.items():
         if key not in {f.name for f in fields(Config)}:
             raise DataError(f"--set {key}=...: no such setting. Settings: "
                             f"{', '.join(f.name for f in fields(Config))}")
@@ -191,8 +229,17 @@ def validate(cfg: Config) -> None:
         problems.append("batch_size must be >= 1 and s2_epochs >= 0")
     if not 0.0 <= cfg.s2_beta <= 1.0:
         problems.append(f"s2_beta={cfg.s2_beta} must be in [0, 1]")
-    if cfg.alpha <= 0 or cfg.tau <= 0:
-        problems.append("alpha and tau must be > 0")
+    if cfg.alpha <= 0 or cfg.alpha_b <= 0 or cfg.tau <= 0:
+        problems.append("alpha, alpha_b and tau must be > 0")
+    if cfg.stage2 not in STAGE2_CHOICES:
+        problems.append(f"stage2={cfg.stage2!r}: use {', '.join(STAGE2_CHOICES)}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        problems.append(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
+    if not (cfg.s2_tau_norm_grid and cfg.s2_logit_adjust_grid and cfg.s2_mislas_eps_head):
+        problems.append("the stage-2 grids (s2_tau_norm_grid, s2_logit_adjust_grid, s2_mislas_eps_head) "
+                        "need at least one value")
+    if not all(0.0 <= e < 1.0 for e in (*cfg.s2_mislas_eps_head, cfg.s2_mislas_eps_tail)):
+        problems.append("MiSLAS smoothing (s2_mislas_eps_head, s2_mislas_eps_tail) must be in [0, 1)")
     if cfg.amp not in AMP_MODES:
         problems.append(f"amp={cfg.amp!r}: use {', '.join(AMP_MODES)}")
     if problems:

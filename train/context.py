@@ -87,10 +87,11 @@ class Context:
         return normalize(x_u8, self.cfg.mean, self.cfg.std)
 
     def lambdas(self, epoch: int, step: int, n_local: int) -> torch.Tensor:
-        """lambda ~ Beta(alpha, alpha) per sample, drawn for the global batch and sliced per rank,
+        """lambda ~ Beta(alpha, alpha_b) per sample, drawn for the global batch and sliced per rank,
         so that N processes see exactly the lambdas one process would."""
         g = torch.Generator().manual_seed(_seed_of(self.cfg.seed, _LAMBDA_STREAM, epoch, step))
-        lam = sample_lambda(n_local * self.dist.world_size, self.cfg.alpha, g, torch.device("cpu"))
+        lam = sample_lambda(n_local * self.dist.world_size, self.cfg.alpha, g, torch.device("cpu"),
+                            b=self.cfg.alpha_b)
         lam = lam[self.dist.rank * n_local:(self.dist.rank + 1) * n_local]
         if self.device.type == "cuda":  # from pinned memory the copy does not stall the host
             lam = lam.pin_memory()
