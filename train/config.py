@@ -143,6 +143,14 @@ PRESETS: dict[str, dict] = {
 # The stage-2 family (docs/METHOD.md): the paper's distillation and the classifier-rebalancing
 # baselines of Decoupling (cRT, NCM, tau-norm, LWS), post-hoc logit adjustment and MiSLAS.
 STAGE2_CHOICES = ("distill", "crt", "ncm", "tau_norm", "lws", "logit_adjust", "mislas")
+# The settings a stage-2 run may choose anew (`iccl stage2 --from RUN`): stage 1 stays as it was.
+STAGE2_FIELDS = ("stage2", "s2_tau_norm_grid", "s2_logit_adjust_grid", "s2_mislas_eps_head",
+                 "s2_mislas_eps_tail", "s2_epochs", "s2_lr", "s2_gamma", "s2_beta", "s2_temperature",
+                 "s2_finetune_encoder", "s2_reinit_classifier")
+# choice -> (its grid setting, the name of the value it tunes on the validation split).
+STAGE2_TUNED = {"tau_norm": ("s2_tau_norm_grid", "tau_norm_p"),
+                "logit_adjust": ("s2_logit_adjust_grid", "tau"),
+                "mislas": ("s2_mislas_eps_head", "eps_head")}
 # What each choice changes, like a preset: `--set` still overrides any of it. cRT, LWS and MiSLAS
 # sample class-balanced (gamma' = 0) and keep the representation frozen, as their papers do.
 _REBALANCE = dict(s2_gamma=0.0, s2_beta=0.0, s2_finetune_encoder=False)
@@ -204,6 +212,10 @@ def resolve(preset: str, method: str = "iccl", overrides: dict[str, str] | None 
         choice = overrides.pop("stage2")
         if choice not in STAGE2_CHOICES:
             raise DataError(f"--set stage2={choice}: choose one of {', '.join(STAGE2_CHOICES)}")
+        # The preset's stage 2 first (a run's saved values may be another choice's), then the choice's.
+        defaults = Config()
+        values.update({f.name: PRESETS[preset].get(f.name, getattr(defaults, f.name))
+                       for f in fields(Config) if f.name in STAGE2_FIELDS})
         values.update(STAGE2_DEFAULTS[choice], stage2=choice)
     cfg = Config(**values)
     for key, text in overrides.items():
@@ -235,6 +247,15 @@ def validate(cfg: Config) -> None:
         problems.append(f"stage2={cfg.stage2!r}: use {', '.join(STAGE2_CHOICES)}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         problems.append(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
+    if cfg.stage2 != "distill" and cfg.s2_beta > 0:
+        problems.append(f"s2_beta={cfg.s2_beta}: distillation belongs to stage2=distill (set s2_beta=0)")
+    if cfg.stage2 in STAGE2_TUNED and cfg.val_fraction == 0:
+        setting, name = STAGE2_TUNED[cfg.stage2]
+        if len(getattr(cfg, setting)) > 1:
+            problems.append(
+                f"stage2={cfg.stage2} chooses {name} among {setting} on a validation split carved from the "
+                f"training split, and val_fraction is 0: train stage 1 with --set val_fraction=0.1 (both "
+                f"stages then leave those images out), or fix the value with --set {setting}=VALUE")
     if not (cfg.s2_tau_norm_grid and cfg.s2_logit_adjust_grid and cfg.s2_mislas_eps_head):
         problems.append("the stage-2 grids (s2_tau_norm_grid, s2_logit_adjust_grid, s2_mislas_eps_head) "
                         "need at least one value")

@@ -15,6 +15,7 @@ import torch
 from pipeline.dataset import ShardedSplit
 from pipeline.device import autocast_dtype, pick_device
 from pipeline.errors import DataError
+from pipeline.holdout import carve_validation, subset
 from pipeline.loaders import make_eval_loader, make_train_loader
 from pipeline.loaders.base import AugmentSpec, EvalSpec, TrainLoader
 from pipeline.mixing import mix_normalize, normalize, sample_lambda
@@ -35,6 +36,7 @@ class Context:
     eval: ShardedSplit | None
     metrics: MetricsLog
     amp_dtype: torch.dtype | None
+    val: ShardedSplit | None = None  # carved from the training split when cfg.val_fraction > 0
     _loaders: dict = field(default_factory=dict)
 
     @property
@@ -70,9 +72,18 @@ class Context:
             self._loaders["eval"] = self._make_eval_loader()
         return self._loaders["eval"]
 
-    def _make_eval_loader(self):
+    def plain_batches(self, which: str):
+        """Un-augmented batches (the evaluation transform) of "train" or "val", for the stage-2
+        choices that read features: NCM's class means, the validation search of tuned values."""
+        key = ("plain", which)
+        if key not in self._loaders:
+            split = self.train if which == "train" else self.val
+            self._loaders[key] = self._make_eval_loader(split)
+        return self._loaders[key]
+
+    def _make_eval_loader(self, split: ShardedSplit | None = None):
         cfg = self.cfg
-        return make_eval_loader(self.eval, loader=cfg.loader, batch_size=cfg.eval_batch_size,
+        return make_eval_loader(split or self.eval, loader=cfg.loader, batch_size=cfg.eval_batch_size,
                                 spec=EvalSpec(size=cfg.image_size, resize=cfg.eval_resize),
                                 rank=self.dist.rank, world_size=self.dist.world_size,
                                 device=self.device, workers=cfg.workers)
@@ -118,6 +129,11 @@ def build_context(cfg: Config, run_dir: Path, with_eval: bool = True) -> Context
     if not cfg.data:
         raise DataError("no dataset: pass --data DIR (a folder written by `iccl convert`)")
     train = ShardedSplit(cfg.data, cfg.train_split)
+    val = None
+    if cfg.val_fraction > 0:  # both stages train without the validation images
+        fit_idx, val_idx = carve_validation(train.labels, cfg.val_fraction, train.num_classes)
+        train, val = (subset(train, fit_idx, f"{cfg.train_split}-fit"),
+                      subset(train, val_idx, f"{cfg.train_split}-val"))
     eval_split = None
     if with_eval:
         if cfg.eval_split not in train.meta["splits"]:
@@ -126,5 +142,5 @@ def build_context(cfg: Config, run_dir: Path, with_eval: bool = True) -> Context
         eval_split = ShardedSplit(cfg.data, cfg.eval_split)
     run_dir.mkdir(parents=True, exist_ok=True)
     return Context(cfg=cfg, run_dir=run_dir, device=device, dist=dist, train=train, eval=eval_split,
-                   metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main),
+                   val=val, metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main),
                    amp_dtype=autocast_dtype(device, cfg.amp))

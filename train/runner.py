@@ -27,7 +27,9 @@ from train.distributed import barrier
 from train.evaluate import evaluate
 from train.loop import run_epochs
 from train.stage1 import Stage1
-from train.stage2 import Stage2
+from train.stage2_methods import run_stage2
+
+STAGE1_SOURCE = "stage1_source.json"  # written by `iccl stage2 --from`: where stage 1 came from
 
 # Settings that may differ when a run is resumed: they change how fast it runs, not what it learns.
 RESUMABLE_CHANGES = {"data", "loader", "workers", "device", "compile", "eval_every", "eval_batch_size",
@@ -80,23 +82,33 @@ def _check_data(ctx: Context, state: dict) -> None:
                         f"trained with {state.get('num_classes')}. Pass the dataset the run was made with.")
 
 
-def train(cfg: Config, run_dir: Path) -> dict:
-    """Train (or resume) both stages; returns the report."""
+def train(cfg: Config, run_dir: Path, stage1_source: dict | None = None) -> dict:
+    """Train (or resume) both stages; returns the report. `stage1_source` (from
+    `train.stage2_from.stage2_run_config`) starts a new run at stage 2 from another run's stage 1."""
     run_dir = Path(run_dir)
     check_resume_config(run_dir, cfg)
     ctx = build_context(cfg, run_dir)
     try:
-        return _train(ctx)
+        return _train(ctx, stage1_source)
     finally:
         ctx.close()
 
 
-def _train(ctx: Context) -> dict:
+def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
     cfg, run_dir = ctx.cfg, ctx.run_dir
     if ctx.dist.is_main:
         write_json(run_dir / "config.json", cfg.to_dict())
+        if stage1_source:
+            write_json(run_dir / STAGE1_SOURCE, stage1_source)
     ckpt_path = run_dir / "checkpoint.pt"
-    state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else {"stage": 1, "epoch": 0, "step": 0}
+    source = stage1_source or _read_source(run_dir)
+    if ckpt_path.is_file():
+        state = checkpoint.load(ckpt_path)
+    elif source:  # stage 2 from another run's stage1.pt: nothing copied, its path recorded
+        saved = checkpoint.load(Path(source["stage1"]))
+        state = {"stage": 2, "epoch": 0, "step": 0, "num_classes": saved["num_classes"], "net": saved["net"]}
+    else:
+        state = {"stage": 1, "epoch": 0, "step": 0}
     if "net" in state:
         _check_data(ctx, state)
         where = ("both stages are done" if state["stage"] == "done" else
@@ -104,6 +116,8 @@ def _train(ctx: Context) -> dict:
         ctx.say(f"resuming {run_dir}: {where}")
     report_path = run_dir / "report.json"
     report = read_report(report_path)
+    if source and "stage1" not in report and source.get("stage1_eval"):
+        report["stage1"] = source["stage1_eval"]
     t0 = time.monotonic()
 
     def saver(stage_no, stage):
@@ -142,15 +156,10 @@ def _train(ctx: Context) -> dict:
         barrier()
         state = {"stage": 2, "epoch": 0, "step": 0, "net": net.state_dict()}
     if state["stage"] == 2:
-        teacher = None
-        if cfg.s2_beta > 0:
-            teacher = prepare(new_network(cfg, ctx.num_classes), ctx)
-            teacher.load_state_dict(checkpoint.load(run_dir / "stage1.pt")["net"])
-        net.load_state_dict(state["net"])
-        stage = Stage2(ctx, net, teacher)
-        if "optimizer" in state:
-            stage.load_state_dict(state)
-        run_epochs(ctx, stage, state["epoch"], state["step"], saver(2, stage), evaluator(stage, cfg.eval_every))
+        report["stage2_choice"] = run_stage2(ctx, net, state,
+                                             Path(source["stage1"]) if source else run_dir / "stage1.pt",
+                                             lambda stage: saver(2, stage),
+                                             lambda stage: evaluator(stage, cfg.eval_every))
         report["stage2"] = run_eval(ctx, net)
         ctx.metrics.write(stage="stage2", event="eval", epoch=cfg.s2_epochs - 1, **_short(report["stage2"]))
         report["train_seconds_this_session"] = round(time.monotonic() - t0, 1)
@@ -162,6 +171,17 @@ def _train(ctx: Context) -> dict:
                                         "net": net.state_dict()})
         barrier()
     return report
+
+
+def _read_source(run_dir: Path) -> dict | None:
+    path = run_dir / STAGE1_SOURCE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stage1_path(run_dir: Path) -> Path:
+    """The run's stage-1 model: its own stage1.pt, or the one `iccl stage2 --from` recorded."""
+    source = _read_source(run_dir)
+    return Path(source["stage1"]) if source else run_dir / "stage1.pt"
 
 
 def centroid_spread(centroids: torch.Tensor) -> float:
@@ -189,7 +209,7 @@ def _short(result: dict) -> dict:
 def evaluate_run(run_dir: Path, stage: int = 2, data: str | None = None, loader: str | None = None) -> dict:
     """Evaluate the saved model of a run (final.pt, or stage1.pt with stage=1) on its eval split."""
     run_dir = Path(run_dir)
-    path = run_dir / ("final.pt" if stage == 2 else "stage1.pt")
+    path = run_dir / "final.pt" if stage == 2 else stage1_path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise DataError(f"{run_dir}: not a run directory (no config.json). Pass the --out of `iccl train`.")
     if not path.is_file():
