@@ -13,6 +13,8 @@ examples:
   iccl train --preset cifar10-lt --data data/cifar10-lt-100 --out runs/iccl
   iccl train --preset cifar10-lt --data data/cifar10-lt-100 --out runs/ce --method ce
   iccl train --out runs/iccl                       # resume an interrupted run
+  iccl train --preset cifar10-lt --data D --out runs/lws --set stage2=lws   # another stage 2
+  iccl stage2 --from runs/iccl --out runs/iccl-lws --set stage2=lws         # ... from an existing stage 1
   iccl train --preset cifar10-lt --data D --out runs/s --seeds 0,1,2   # mean ± std over seeds
   torchrun --nproc_per_node 8 -m tools.cli train --preset imagenet-lt --data D --out runs/in
 
@@ -20,6 +22,8 @@ Presets carry the paper's recipes (ResNet-32 / ResNeXt-50 / ResNet-50, epochs, s
 lr, weight decay, augmentation, T_w, stage 2). The learning rate scales linearly with --batch-size
 (the preset's lr is for its own batch size). Any setting can be changed with --set KEY=VALUE
 (repeatable); `iccl train --list-settings` shows them all with the preset's values.
+Stage 2 is --set stage2=distill|crt|ncm|tau_norm|lws|logit_adjust|mislas (docs/METHOD.md); the
+choices that tune a value need a validation carve: --set val_fraction=0.1.
 A run directory holds config.json, metrics.jsonl, checkpoints and report.json; pointing
 `iccl train` at an existing run resumes it exactly where it stopped.
 """
