@@ -4,6 +4,7 @@ Run directory:
     config.json     the resolved config (a resumed run must not change what it trains)
     checkpoint.pt   the latest state (stage, epoch, step, weights, centroids, optimiser)
     stage1.pt       the stage-1 model (the distillation teacher, and `iccl eval --stage 1`)
+    stage1_source.json  instead of stage1.pt in a run made by `iccl stage2 --from`: where it came from
     final.pt        the model after classifier rebalancing
     metrics.jsonl   training metrics and evaluations, one JSON object per line
     report.json     the evaluations at the end of each stage
@@ -113,7 +114,8 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
         _check_data(ctx, state)
         where = ("both stages are done" if state["stage"] == "done" else
                  f"stage {state['stage']}, epoch {state['epoch'] + 1}, step {state['step']}")
-        ctx.say(f"resuming {run_dir}: {where}")
+        ctx.say(f"resuming {run_dir}: {where}" if ckpt_path.is_file() else
+                f"{run_dir}: stage 2 from {source['stage1']}")
     report_path = run_dir / "report.json"
     report = read_report(report_path)
     if source and "stage1" not in report and source.get("stage1_eval"):

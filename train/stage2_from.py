@@ -32,7 +32,7 @@ def stage2_run_config(source_run: Path, overrides: dict[str, str],
         raise DataError(f"--set {', '.join(stage1_only)}: stage-1 settings; the stage 1 of {source_run} is "
                         f"fixed. Change only {', '.join(STAGE2_FIELDS)} here, or train a new run.")
     saved = checkpoint.load(path)
-    values = dict(saved["config"])
+    values = Config.from_dict(saved["config"]).to_dict()  # also reads configs of older versions
     preset, method = values.pop("preset"), values.pop("method")
     values.update({k: v for k, v in (explicit or {}).items() if v is not None})
     cfg = resolve(preset, method, overrides, **values)
