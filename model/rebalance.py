@@ -61,7 +61,8 @@ def logit_adjusted_bias(bias: torch.Tensor, class_counts, tau: float) -> torch.T
     return (bias.double() - tau * log_prior).to(bias.dtype)
 
 
-def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def class_means(features: torch.Tensor, labels: torch.Tensor,
+                num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-class feature sums (K, d) float64, per-class counts (K,) float64): summed rather than
     averaged so that several processes can add theirs before dividing."""
     sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
@@ -92,7 +93,8 @@ class LearnableWeightScaling(nn.Module):
         return logits * self.scales.to(logits.dtype)
 
 
-def fold_scales(weight: torch.Tensor, bias: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_scales(weight: torch.Tensor, bias: torch.Tensor,
+                scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The linear layer equal to `scales * (weight @ v + bias)`: (f_k·w_k, f_k·b_k)."""
     f = scales.detach().to(weight.dtype)
     return weight * f.unsqueeze(1), bias * f

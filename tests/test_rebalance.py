@@ -33,7 +33,8 @@ def test_logit_adjustment_exact():
     assert abs(half[1].item() - (-0.2 + 0.5 * math.log(4))) < 1e-15
     assert torch.equal(logit_adjusted_bias(b, [30, 10], 0.0), b)
     # the linear layer then outputs exactly W v + b - tau log prior
-    w, v = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64), torch.tensor([0.3, -0.7], dtype=torch.float64)
+    w = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64)
+    v = torch.tensor([0.3, -0.7], dtype=torch.float64)
     prior = torch.tensor([0.75, 0.25], dtype=torch.float64)
     assert torch.allclose(w @ v + got, w @ v + b - prior.log(), atol=1e-15, rtol=0)
     with pytest.raises(ValueError):
@@ -65,7 +66,8 @@ def test_lws_learns_scales_that_balance_a_biased_classifier():
     g = torch.Generator().manual_seed(0)
     n = 2000
     y = torch.arange(2 * n) % 2
-    v = torch.nn.functional.one_hot(y, 2).double() + 0.5 * torch.randn(2 * n, 2, generator=g, dtype=torch.float64)
+    noise = torch.randn(2 * n, 2, generator=g, dtype=torch.float64)
+    v = torch.nn.functional.one_hot(y, 2).double() + 0.5 * noise
     w, b = torch.tensor([[3.0, 0.0], [0.0, 1.0]], dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     lws = LearnableWeightScaling(2).double()
     opt = torch.optim.SGD(lws.parameters(), lr=0.5)

@@ -97,3 +97,17 @@ def test_rerun_resumes_and_changing_stage1_or_tuning_without_validation_is_refus
         resolve("synthetic-lt", overrides={"stage2": "logit_adjust"})
     one = resolve("synthetic-lt", overrides={"stage2": "logit_adjust", "s2_logit_adjust_grid": "1.0"})
     assert one.s2_logit_adjust_grid == (1.0,)
+
+
+@pytest.mark.slow
+def test_choices_run_one_per_choice_and_print_one_table(runs, tmp_path, capsys):
+    out = tmp_path / "family"
+    base = ["-q", "stage2", "--from", str(runs / "iccl"), "--out", str(out), *SPEED]
+    assert cli(base + ["--choices", "crt,bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err and not out.exists()  # refused before anything trains
+    assert cli(base + ["--choices", "crt", "--set", "stage2=lws"]) == 2
+    capsys.readouterr()
+    assert cli(base + ["--choices", "ncm,logit_adjust"]) == 0
+    table = capsys.readouterr().out
+    assert "stage 1" in table and "ncm" in table and "logit_adjust" in table
+    assert (out / "ncm" / "final.pt").is_file() and (out / "logit_adjust" / "final.pt").is_file()

@@ -12,7 +12,8 @@ def test_presets_carry_the_paper_recipes():
     c = resolve("cifar10-lt")
     assert (c.arch, c.epochs, c.batch_size, c.lr, c.weight_decay) == ("resnet32", 200, 128, 0.1, 2e-4)
     assert (c.lr_steps, c.lr_step_factor, c.lr_warmup_epochs, c.warmup_epochs) == ((120, 160), 0.01, 5, 100)
-    assert c.w_u_zero_after_warmup and c.w_u_after_warmup == 0.0 and c.s2_gamma == 1.0 and c.s2_beta == 0.5 and c.s2_finetune_encoder
+    assert c.w_u_zero_after_warmup and c.w_u_after_warmup == 0.0
+    assert c.s2_gamma == 1.0 and c.s2_beta == 0.5 and c.s2_finetune_encoder
     i = resolve("imagenet-lt")
     assert (i.arch, i.epochs, i.batch_size, i.weight_decay, i.schedule, i.proj_dim) == \
         ("resnext50_32x4d", 90, 256, 5e-4, "cosine", 128)

@@ -60,7 +60,8 @@ def run_stage2(ctx, net, state: dict, stage1_path, make_saver: Callable, make_ev
         run_epochs(ctx, stage, 0, 0, lambda epoch, step: None, lambda epoch: None)
         stage.finish()
         scores[value] = val_top1(ctx, _val_features(ctx, net), *_weights(net))
-        ctx.say(f"stage 2 {cfg.stage2}: {TUNED[cfg.stage2][1]} = {value}: validation top-1 {scores[value]:.2f}")
+        ctx.say(f"stage 2 {cfg.stage2}: {TUNED[cfg.stage2][1]} = {value}: "
+                f"validation top-1 {scores[value]:.2f}")
         if best is None or scores[value] > scores[best[0]]:
             best = (value, copy.deepcopy(net.state_dict()))
     net.load_state_dict(best[1])
