@@ -111,3 +111,28 @@ def test_choices_run_one_per_choice_and_print_one_table(runs, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "stage 1" in table and "ncm" in table and "logit_adjust" in table
     assert (out / "ncm" / "final.pt").is_file() and (out / "logit_adjust" / "final.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("choice", ["lws", "mislas"])
+def test_stage2_run_killed_mid_epoch_resumes_exactly(runs, tmp_path, monkeypatch, choice):
+    """The learnt per-class scales are checkpointed: a stage-2 run killed mid-epoch and rerun ends
+    with exactly the classifier of an uninterrupted one (a one-value grid: no search)."""
+    from train.stage2 import Stage2
+    sets = (f"stage2={choice}", "s2_epochs=2", "s2_mislas_eps_head=0.3")
+    assert _stage2(runs, tmp_path / "a", *sets) == 0
+    original = Stage2.train_step
+
+    def crashing(self, batch, epoch, step):
+        if (epoch, step) == (1, 1):
+            raise KeyboardInterrupt
+        return original(self, batch, epoch, step)
+
+    monkeypatch.setattr(Stage2, "train_step", crashing)
+    assert _stage2(runs, tmp_path / "b", *sets) == 130
+    monkeypatch.setattr(Stage2, "train_step", original)
+    assert _stage2(runs, tmp_path / "b", *sets) == 0
+    a = checkpoint.load(tmp_path / "a" / "final.pt")["net"]
+    b = checkpoint.load(tmp_path / "b" / "final.pt")["net"]
+    for k in ("classifier.weight", "classifier.bias"):
+        assert torch.equal(a[k], b[k]), k
