@@ -64,7 +64,7 @@ class Config:
     s2_tau_norm_grid: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))  # tau_norm exponent
     s2_logit_adjust_grid: tuple[float, ...] = tuple(round(0.25 * i, 2) for i in range(13))  # LA tau
     s2_mislas_eps_head: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)  # epsilon_1 candidates (MiSLAS)
-    s2_mislas_eps_tail: float = 0.0  # epsilon_K (MiSLAS's CIFAR-10 value)
+    s2_mislas_eps_tail: float = 0.0  # epsilon_K, the smoothing of the rarest class
     s2_epochs: int = 10
     s2_lr: float = 0.01            # for a global batch of lr_ref_batch, cosine to 0
     s2_gamma: float = 1.0
