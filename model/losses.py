@@ -1,4 +1,4 @@
-"""The ICCL losses (spec Eqs. 4-8) and the stage-2 distillation loss.
+"""The ICCL losses (docs/METHOD.md, Eqs. 4-8) and the stage-2 distillation loss.
 
 Every loss returns a scalar mean over the batch. Log-softmax runs in float32 (or
 float64 when the inputs are float64) whatever the input dtype, so bf16 logits from

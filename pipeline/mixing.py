@@ -1,6 +1,6 @@
-"""On-device interpolation of the two streams (spec Eq. 3), fused with normalisation.
+"""On-device interpolation of the two streams (docs/METHOD.md, Eq. 3), fused with normalisation.
 
-x̃ = λ·x^a + (1 − λ)·x^c with one λ ~ Beta(α, α) per sample. The loaders deliver uint8 images;
+x̃ = λ·x^a + (1 − λ)·x^c with one λ ~ Beta(a, b) per sample (a = b = 1 by default). The loaders deliver uint8 images;
 here they become normalised float tensors, channels_last, in as few passes as eager mode allows:
 normalisation is affine per channel and λ + (1 − λ) = 1, so mixing the raw pixels and then
 normalising equals normalising each stream (one multiply-add fused with the uint8 → float
@@ -19,16 +19,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def sample_lambda(n: int, alpha: float, generator: torch.Generator,
-                  device: str | torch.device = "cpu") -> torch.Tensor:
-    """n draws of Beta(α, α) as float32 on `device`, a pure function of the generator's state.
+                  device: str | torch.device = "cpu", b: float | None = None) -> torch.Tensor:
+    """n draws of Beta(α, b) as float32 on `device` (b = α when None), a pure function of the
+    generator's state. Mean α / (α + b): λ weighs the class-agnostic image x^a.
 
-    Beta(α, α) = G1 / (G1 + G2) with G1, G2 ~ Gamma(α, 1), drawn by `torch._standard_gamma`
-    (the public `torch.distributions` cannot take a generator) on the generator's device, in
-    float64: for small α (0.2) float32 Gamma draws underflow to 0 often enough to give 0/0.
+    Beta(α, b) = G1 / (G1 + G2) with G1 ~ Gamma(α, 1), G2 ~ Gamma(b, 1), drawn by
+    `torch._standard_gamma` (the public `torch.distributions` cannot take a generator) on the
+    generator's device, in float64: for small α (0.2) float32 Gamma draws underflow to 0 often
+    enough to give 0/0.
+
+    Raises ValueError when α or b is not positive.
     """
-    if alpha <= 0:
-        raise ValueError(f"mixing alpha must be positive, got {alpha}")
-    conc = torch.full((2, n), float(alpha), dtype=torch.float64, device=generator.device)
+    b = alpha if b is None else b
+    if alpha <= 0 or b <= 0:
+        raise ValueError(f"mixing Beta parameters must be positive, got ({alpha}, {b})")
+    conc = torch.tensor([[float(alpha)], [float(b)]], dtype=torch.float64,
+                        device=generator.device).expand(2, n).contiguous()
     g = torch._standard_gamma(conc, generator=generator)
     lam = g[0] / (g[0] + g[1])
     return lam.to(device=device, dtype=torch.float32, non_blocking=True)

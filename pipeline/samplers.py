@@ -1,4 +1,4 @@
-"""Index samplers (spec Eq. 2): the class-agnostic epoch permutation and the class-aware sampler.
+"""Index samplers (docs/METHOD.md, Eq. 2): the class-agnostic epoch permutation and the class-aware sampler.
 
 Both emit, for every (epoch, step), the indices this rank loads at that step, as a pure function of
 (seed, epoch, step, rank): a run resumed mid-epoch, or a loader that asks for step s directly

@@ -16,7 +16,8 @@ from train.steps import LossWeights, stage1_loss
 
 def losses(amp: str) -> tuple[float, float]:
     """(naive loss, fused loss) on the same inputs, the fused one under `amp`."""
-    cfg = resolve("cifar10-lt", overrides={"w_u_after_warmup": "0.5", "amp": amp})
+    cfg = resolve("cifar10-lt", overrides={"w_u": "0.5", "w_u_zero_after_warmup": "false",
+                                                "amp": amp})
     device = torch.device("cpu")
     ctx = bench_context(cfg, device)
     batch = random_batch(8, 32, 10, device, seed=3)

@@ -1,4 +1,4 @@
-"""Mixing (spec Eq. 3) fused with normalisation, and the Beta(α, α) draws of λ."""
+"""Mixing (docs/METHOD.md, Eq. 3) fused with normalisation, and the Beta(a, b) draws of λ."""
 from __future__ import annotations
 
 import numpy as np
@@ -68,6 +68,37 @@ def test_lambda_is_beta(alpha):
     se_var = np.sqrt(((centred ** 4).mean() - var ** 2) / n)
     assert abs(lam.mean() - 0.5) < 5 * se_mean
     assert abs(var - 1 / (4 * (2 * alpha + 1))) < 5 * se_var
+
+
+@pytest.mark.parametrize("a, b", [(0.2, 1.0), (2.0, 5.0), (1.0, 1.0)])
+def test_lambda_is_beta_a_b(a, b):
+    """Beta(a, b), two parameters (the paper's Table 5 uses Beta(0.2, 1.0)): 200k draws with seed 0;
+    the mean a / (a + b) and the variance ab / ((a + b)^2 (a + b + 1)) each lie within 5 standard
+    errors of their estimates (standard errors from the sample's own moments)."""
+    n = 200_000
+    lam = sample_lambda(n, a, torch.Generator().manual_seed(0), b=b).double().numpy()
+    assert np.isfinite(lam).all() and lam.min() >= 0 and lam.max() <= 1
+    centred = lam - lam.mean()
+    var = (centred ** 2).mean()
+    se_mean = np.sqrt(var / n)
+    se_var = np.sqrt(((centred ** 4).mean() - var ** 2) / n)
+    assert abs(lam.mean() - a / (a + b)) < 5 * se_mean
+    assert abs(var - a * b / ((a + b) ** 2 * (a + b + 1))) < 5 * se_var
+    if a != b:  # the asymmetric case is not the symmetric one by accident
+        assert abs(lam.mean() - 0.5) > 50 * se_mean
+
+
+def test_context_draws_beta_a_b_from_the_config():
+    from types import SimpleNamespace
+
+    from train.config import resolve
+    from train.context import Context
+    cfg = resolve("cifar10-lt", overrides={"alpha": "0.2", "alpha_b": "1.0"})
+    ctx = Context.__new__(Context)
+    ctx.cfg, ctx.device = cfg, torch.device("cpu")
+    ctx.dist = SimpleNamespace(world_size=1, rank=0)
+    lam = torch.cat([ctx.lambdas(0, s, 1000) for s in range(20)]).double()
+    assert abs(lam.mean().item() - 0.2 / 1.2) < 5 * lam.std().item() / np.sqrt(len(lam))
 
 
 def test_lambda_deterministic():

@@ -1,4 +1,4 @@
-"""Samplers (spec Eq. 2): exact properties of the uniform sampler, statistics of the class-aware one.
+"""Samplers (docs/METHOD.md, Eq. 2): exact properties of the uniform sampler, statistics of the class-aware one.
 
 Statistical checks use a chi-square goodness-of-fit statistic against a threshold from the normal
 approximation of the chi-square distribution, df + Z * sqrt(2 df) with Z = 5 (a false alarm

@@ -63,6 +63,33 @@ def test_warmup_phase_is_ce_plus_clean_centroid_loss():
     assert abs(loss.item() - expect) < 1e-6
 
 
+def test_warmup_loss_scales_uniform_ce_by_w_u():
+    """w^u is Eq. 8's weight in the warm-up too: the losses at w^u = 1 and 0.5 differ by exactly
+    0.5 * CE^u (computed here in float64 from the logits)."""
+    net, x_a, _, y_a, _, _, cents = _setup(3)
+    full, _ = stage1_loss(net, cents, "warmup", x_a, y_a, weights=LossWeights(w_u=1.0))
+    half, _ = stage1_loss(net, cents, "warmup", x_a, y_a, weights=LossWeights(w_u=0.5))
+    with torch.no_grad():
+        _, la, _ = net(x_a)
+    ce_u = -_log_softmax(la.numpy())[np.arange(len(y_a)), y_a].mean()
+    assert ce_u > 0.1
+    assert abs((full.item() - half.item()) - 0.5 * ce_u) < 1e-12
+
+
+def test_w_u_setting_reaches_both_phases():
+    """imagenet-lt (no CIFAR rule): --set w_u=0.5 weighs the warm-up and the interpolative phase;
+    cifar10-lt keeps its rule: w_u in the warm-up, 0 afterwards."""
+    from train.config import resolve
+    from train.stage1 import Stage1
+    for preset, after in (("imagenet-lt", 0.5), ("cifar10-lt", 0.0)):
+        cfg = resolve(preset, overrides={"w_u": "0.5"})
+        stage = Stage1.__new__(Stage1)
+        stage.cfg = cfg
+        assert stage.weights("warmup").w_u == 0.5 and stage.weights("iccl").w_u == after
+    off = resolve("cifar10-lt", overrides={"w_u_zero_after_warmup": "false", "w_u": "0.7"})
+    assert off.w_u_after_warmup == 0.7
+
+
 def test_ce_phase_and_phase_schedule():
     net, x_a, _, y_a, _, _, _ = _setup(2)
     loss, z = stage1_loss(net, None, "ce", x_a, y_a)

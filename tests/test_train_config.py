@@ -12,7 +12,8 @@ def test_presets_carry_the_paper_recipes():
     c = resolve("cifar10-lt")
     assert (c.arch, c.epochs, c.batch_size, c.lr, c.weight_decay) == ("resnet32", 200, 128, 0.1, 2e-4)
     assert (c.lr_steps, c.lr_step_factor, c.lr_warmup_epochs, c.warmup_epochs) == ((120, 160), 0.01, 5, 100)
-    assert c.w_u_after_warmup == 0.0 and c.s2_gamma == 1.0 and c.s2_beta == 0.5 and c.s2_finetune_encoder
+    assert c.w_u_zero_after_warmup and c.w_u_after_warmup == 0.0
+    assert c.s2_gamma == 1.0 and c.s2_beta == 0.5 and c.s2_finetune_encoder
     i = resolve("imagenet-lt")
     assert (i.arch, i.epochs, i.batch_size, i.weight_decay, i.schedule, i.proj_dim) == \
         ("resnext50_32x4d", 90, 256, 5e-4, "cosine", 128)
@@ -25,7 +26,48 @@ def test_presets_carry_the_paper_recipes():
 def test_ce_method_is_crt_in_stage_2():
     c = resolve("cifar10-lt", "ce")
     assert c.method == "ce" and c.s2_beta == 0.0 and c.s2_gamma == 0.0 and c.s2_reinit_classifier
+    assert c.stage2 == "crt" and not c.s2_finetune_encoder  # Decoupling's cRT: representation frozen
     assert not resolve("cifar10-lt").s2_reinit_classifier
+    tuned = resolve("cifar10-lt", "ce", {"s2_finetune_encoder": "true"})  # fine-tuning stays a setting
+    assert tuned.stage2 == "crt" and tuned.s2_finetune_encoder
+
+
+def test_stage2_choice_brings_its_defaults_then_set_overrides():
+    lws = resolve("cifar10-lt", overrides={"stage2": "lws", "s2_epochs": "3"})
+    assert (lws.stage2, lws.s2_gamma, lws.s2_beta, lws.s2_finetune_encoder, lws.s2_epochs) == \
+        ("lws", 0.0, 0.0, False, 3)
+    # from a CE run's config (cRT's values saved), distill returns to the preset's stage 2
+    saved = resolve("cifar10-lt", "ce").to_dict()
+    saved.pop("preset"), saved.pop("method")
+    d = resolve("cifar10-lt", "ce", {"stage2": "distill"}, **saved)
+    assert (d.s2_gamma, d.s2_beta, d.s2_reinit_classifier, d.s2_finetune_encoder) == (1.0, 0.5, False, True)
+    with pytest.raises(DataError, match="choose one of"):
+        resolve("cifar10-lt", overrides={"stage2": "ldam"})
+    with pytest.raises(DataError, match="s2_beta"):
+        resolve("cifar10-lt", overrides={"stage2": "lws", "s2_beta": "0.5"})
+    with pytest.raises(DataError, match="val_fraction"):
+        resolve("cifar10-lt", overrides={"stage2": "tau_norm"})
+    assert resolve("cifar10-lt", overrides={"stage2": "tau_norm", "val_fraction": "0.1"}).val_fraction == 0.1
+
+
+def test_nesterov_and_beta_settings_reach_the_optimiser_and_config():
+    import torch
+    from train.stage1 import sgd
+    cfg = resolve("cifar10-lt", overrides={"nesterov": "true", "alpha": "0.2", "alpha_b": "1.0"})
+    opt = sgd(cfg, [torch.nn.Parameter(torch.zeros(1))], 0.1)
+    assert opt.param_groups[0]["nesterov"] is True and not resolve("cifar10-lt").nesterov
+    assert (cfg.alpha, cfg.alpha_b) == (0.2, 1.0)
+    with pytest.raises(DataError, match="alpha_b"):
+        resolve("cifar10-lt", overrides={"alpha_b": "0"})
+
+
+def test_runs_saved_before_the_w_u_switch_still_load():
+    old = resolve("imagenet-lt").to_dict()
+    old.pop("w_u_zero_after_warmup")
+    old["w_u_after_warmup"] = 1.0
+    assert not Config.from_dict(old).w_u_zero_after_warmup
+    old["w_u_after_warmup"] = 0.0
+    assert Config.from_dict(old).w_u_zero_after_warmup
 
 
 def test_overrides_are_typed_and_validated():

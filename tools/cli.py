@@ -12,8 +12,8 @@ from pipeline.errors import DataError
 from pipeline.progress import set_quiet
 
 # module -> what it adds; order is the order `iccl --help` lists them in.
-COMMAND_MODULES = ("tools.cmd_data", "tools.cmd_train", "tools.cmd_predict", "tools.cmd_reproduce",
-                   "tools.cmd_bench")
+COMMAND_MODULES = ("tools.cmd_data", "tools.cmd_train", "tools.cmd_predict", "tools.cmd_stage2",
+                   "tools.cmd_reproduce", "tools.cmd_bench")
 
 
 class _Parser(argparse.ArgumentParser):

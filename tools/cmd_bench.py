@@ -194,7 +194,7 @@ def _register_train(sub) -> None:
                    help="loader of the end-to-end variant (default auto)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader threads / workers")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a training setting, as in `iccl train` (e.g. w_u_after_warmup=1)")
+                   help="override a training setting, as in `iccl train` (e.g. w_u_zero_after_warmup=false)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
     p.set_defaults(handler=_train)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline.errors import DataError
 from pipeline.loaders import LOADER_CHOICES
 
-# Top-1 % after classifier rebalancing, from the paper (spec/ICCL.md): (ICCL, CE, cRT).
+# Top-1 % after classifier rebalancing, from the paper (arXiv 2110.10048; docs/METHOD.md): (ICCL, CE, cRT).
 PAPER = {
     "cifar10-lt": {100: (82.1, 70.4, 75.7), 50: (84.7, 74.8, 80.4), 10: (89.7, 86.4, 88.3)},
     "cifar100-lt": {100: (46.6, 38.3, 42.3), 50: (51.6, 43.9, 46.8), 10: (62.1, 55.7, 58.1)},

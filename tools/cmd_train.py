@@ -14,6 +14,8 @@ examples:
   iccl train --preset cifar10-lt --data data/cifar10-lt-100 --out runs/iccl
   iccl train --preset cifar10-lt --data data/cifar10-lt-100 --out runs/ce --method ce
   iccl train --out runs/iccl                       # resume an interrupted run
+  iccl train --preset cifar10-lt --data D --out runs/lws --set stage2=lws   # another stage 2
+  iccl stage2 --from runs/iccl --out runs/iccl-lws --set stage2=lws         # ... from an existing stage 1
   iccl train --preset cifar10-lt --data D --out runs/s --seeds 0,1,2   # mean ± std over seeds
   torchrun --nproc_per_node 8 -m tools.cli train --preset imagenet-lt --data D --out runs/in
 
@@ -25,6 +27,8 @@ lr, weight decay, augmentation, T_w, stage 2). The learning rate scales linearly
 checked before anything is written: a refused run can be corrected and started again into the
 same --out. A setting given both by its flag and by --set (e.g. --batch-size 5 --set batch_size=3)
 must say the same thing.
+Stage 2 is --set stage2=distill|crt|ncm|tau_norm|lws|logit_adjust|mislas (docs/METHOD.md); the
+choices that tune a value need a validation carve: --set val_fraction=0.1.
 A run directory holds config.json, metrics.jsonl, checkpoints and report.json; pointing
 `iccl train` at an existing run resumes it exactly where it stopped. After the final evaluation
 it also holds per_class.png, weight_norms.png and curves.png; --set tensorboard=true also writes

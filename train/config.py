@@ -1,4 +1,4 @@
-"""Run configuration: one flat, typed record; presets carry the paper's recipes (spec/ICCL.md).
+"""Run configuration: one flat, typed record; presets carry the paper's recipes (docs/METHOD.md).
 
 Every field can be overridden from the command line (`iccl train ... --set key=value`); the resolved
 config is saved as `config.json` in the run directory and inside every checkpoint, so a run can be
@@ -42,6 +42,7 @@ class Config:
     lr: float = 0.1
     lr_ref_batch: int = 128
     momentum: float = 0.9
+    nesterov: bool = False         # Nesterov momentum (BBN's CIFAR code uses it; the presets do not)
     weight_decay: float = 2e-4
     schedule: str = "step"         # "step": linear warm-up then x lr_step_factor at lr_steps; "cosine"
     lr_warmup_epochs: int = 5
@@ -50,13 +51,20 @@ class Config:
     # ICCL (stage 1)
     warmup_epochs: int = 100       # T_w: uniform branch only (CE + centroid contrastive)
     gamma: float = 0.0             # class-aware sampler p_k ~ n_k^-gamma
-    alpha: float = 1.0             # lambda ~ Beta(alpha, alpha)
+    alpha: float = 1.0             # lambda ~ Beta(alpha, alpha_b): the weight of the class-agnostic image
+    alpha_b: float = 1.0           # second Beta parameter (the paper's Table 5 tries Beta(0.2, 1.0))
     tau: float = 0.1
     centroid_momentum: float = 0.99
-    w_u: float = 1.0               # weight of the uniform-branch CE (Eq. 8)
-    w_u_after_warmup: float = 0.0  # CIFAR: the paper drops the uniform CE after warm-up
+    w_u: float = 1.0               # w^u of Eq. 8: weight of the uniform-branch CE, warm-up included
+    w_u_zero_after_warmup: bool = False  # the paper's CIFAR rule: w^u = 0 once the warm-up ends
     w_il: float = 1.0
-    # stage 2 (classifier rebalancing)
+    # stage 2 (classifier rebalancing): one of STAGE2_CHOICES, see docs/METHOD.md
+    stage2: str = "distill"
+    val_fraction: float = 0.0      # per class, held out of BOTH stages as the validation split
+    s2_tau_norm_grid: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))  # tau_norm exponent
+    s2_logit_adjust_grid: tuple[float, ...] = tuple(round(0.25 * i, 2) for i in range(13))  # LA tau
+    s2_mislas_eps_head: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)  # epsilon_1 candidates (MiSLAS)
+    s2_mislas_eps_tail: float = 0.0  # epsilon_K, the smoothing of the rarest class
     s2_epochs: int = 10
     s2_lr: float = 0.01            # for a global batch of lr_ref_batch, cosine to 0
     s2_gamma: float = 1.0
@@ -82,11 +90,19 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         known = {f.name for f in fields(cls)}
+        d = dict(d)
+        if "w_u_after_warmup" in d:  # runs written before the CIFAR rule became a switch
+            d["w_u_zero_after_warmup"] = d.pop("w_u_after_warmup") == 0
         unknown = set(d) - known
         if unknown:
             raise DataError(f"unknown config keys {sorted(unknown)}")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**kw)  # types and values are checked by `validate`
+
+    @property
+    def w_u_after_warmup(self) -> float:
+        """w^u once the warm-up is over: 0 under the CIFAR rule, else w_u."""
+        return 0.0 if self.w_u_zero_after_warmup else self.w_u
 
     def scaled_lr(self, lr: float) -> float:
         return lr * self.batch_size / self.lr_ref_batch
@@ -96,7 +112,7 @@ def _cifar(**kw) -> dict:
     base = dict(arch="resnet32", proj_dim=64, augment="pad_crop", image_size=32, eval_resize=32,
                 epochs=200, batch_size=128, lr=0.1, lr_ref_batch=128, weight_decay=2e-4,
                 schedule="step", lr_warmup_epochs=5, lr_steps=(120, 160), lr_step_factor=0.01,
-                warmup_epochs=100, w_u_after_warmup=0.0, s2_epochs=10, s2_lr=0.01,
+                warmup_epochs=100, w_u_zero_after_warmup=True, s2_epochs=10, s2_lr=0.01,
                 s2_finetune_encoder=True)
     base.update(kw)
     return base
@@ -111,12 +127,12 @@ PRESETS: dict[str, dict] = {
     "imagenet-lt": dict(
         arch="resnext50_32x4d", proj_dim=128, augment="rrc", image_size=224, eval_resize=256, jitter=0.4,
         mean=_IMAGENET_MEAN, std=_IMAGENET_STD, epochs=90, batch_size=256, lr=0.1, lr_ref_batch=256,
-        weight_decay=5e-4, schedule="cosine", lr_warmup_epochs=0, warmup_epochs=45, w_u_after_warmup=1.0,
+        weight_decay=5e-4, schedule="cosine", lr_warmup_epochs=0, warmup_epochs=45,
         s2_epochs=10, s2_lr=0.1, s2_finetune_encoder=False, workers=8),
     "inat2018": dict(
         arch="resnet50", proj_dim=128, augment="rrc", image_size=224, eval_resize=256, jitter=0.0,
         mean=_IMAGENET_MEAN, std=_IMAGENET_STD, epochs=90, batch_size=512, lr=0.2, lr_ref_batch=512,
-        weight_decay=1e-4, schedule="cosine", lr_warmup_epochs=0, warmup_epochs=45, w_u_after_warmup=1.0,
+        weight_decay=1e-4, schedule="cosine", lr_warmup_epochs=0, warmup_epochs=45,
         s2_epochs=10, s2_lr=0.2, s2_finetune_encoder=False, eval_split="val", workers=8),
     # The embedded demo: ~3 minutes on 2 CPU cores; the CIFAR recipe's shape at 30 epochs. Its few
     # classes have 5-13 images, so stage 2 keeps the encoder frozen (fine-tuning it on a reverse-
@@ -125,9 +141,33 @@ PRESETS: dict[str, dict] = {
                            s2_epochs=4, s2_finetune_encoder=False),
 }
 
+# The stage-2 family (docs/METHOD.md): the paper's distillation and the classifier-rebalancing
+# baselines of Decoupling (cRT, NCM, tau-norm, LWS), post-hoc logit adjustment and MiSLAS.
+STAGE2_CHOICES = ("distill", "crt", "ncm", "tau_norm", "lws", "logit_adjust", "mislas")
+# The settings a stage-2 run may choose anew (`iccl stage2 --from RUN`): stage 1 stays as it was.
+STAGE2_FIELDS = ("stage2", "s2_tau_norm_grid", "s2_logit_adjust_grid", "s2_mislas_eps_head",
+                 "s2_mislas_eps_tail", "s2_epochs", "s2_lr", "s2_gamma", "s2_beta", "s2_temperature",
+                 "s2_finetune_encoder", "s2_reinit_classifier")
+# choice -> (its grid setting, the name of the value it tunes on the validation split).
+STAGE2_TUNED = {"tau_norm": ("s2_tau_norm_grid", "tau_norm_p"),
+                "logit_adjust": ("s2_logit_adjust_grid", "tau"),
+                "mislas": ("s2_mislas_eps_head", "eps_head")}
+# What each choice changes, like a preset: `--set` still overrides any of it. cRT, LWS and MiSLAS
+# sample class-balanced (gamma' = 0) and keep the representation frozen, as their papers do.
+_REBALANCE = dict(s2_gamma=0.0, s2_beta=0.0, s2_finetune_encoder=False)
+STAGE2_DEFAULTS: dict[str, dict] = {
+    "distill": {},
+    "crt": dict(_REBALANCE, s2_reinit_classifier=True),
+    "ncm": dict(_REBALANCE),
+    "tau_norm": dict(_REBALANCE),
+    "lws": dict(_REBALANCE),
+    "logit_adjust": dict(_REBALANCE),
+    "mislas": dict(_REBALANCE),
+}
+
 # What --method ce changes: no second stream, no projection loss; stage 2 is cRT (class-balanced,
-# re-initialised classifier, no distillation), as in the Decoupling work.
-CE_OVERRIDES = dict(s2_gamma=0.0, s2_beta=0.0, s2_reinit_classifier=True)
+# re-initialised classifier, frozen representation, no distillation), as in the Decoupling work.
+CE_OVERRIDES = dict(STAGE2_DEFAULTS["crt"], stage2="crt")
 
 
 METHODS = ("iccl", "ce")
@@ -161,6 +201,7 @@ _POSITIVE, _AT_LEAST_1, _NON_NEGATIVE, _UNIT = Range(0, lo_open=True), Range(1),
 # amp and device (pipeline.device), arch (model.network). A tuple setting's Range holds for each item.
 CHOICES: dict[str, tuple[str, ...]] = {
     "preset": tuple(PRESETS), "method": METHODS, "schedule": SCHEDULES, "augment": AUGMENTS,
+    "stage2": STAGE2_CHOICES,
 }
 RANGES: dict[str, Range] = {
     "seed": Range(0, 2**32 - 1), "proj_dim": _AT_LEAST_1, "proj_hidden": _AT_LEAST_1,
@@ -170,7 +211,9 @@ RANGES: dict[str, Range] = {
     "momentum": _UNIT, "weight_decay": _NON_NEGATIVE,
     "lr_warmup_epochs": _NON_NEGATIVE, "lr_steps": _NON_NEGATIVE, "lr_step_factor": Range(0, 1, lo_open=True),
     "warmup_epochs": _NON_NEGATIVE, "alpha": _POSITIVE, "tau": _POSITIVE, "centroid_momentum": _UNIT,
-    "w_u": _NON_NEGATIVE, "w_u_after_warmup": _NON_NEGATIVE, "w_il": _NON_NEGATIVE,
+    "alpha_b": _POSITIVE, "w_u": _NON_NEGATIVE, "w_il": _NON_NEGATIVE, "val_fraction": _NON_NEGATIVE,
+    "s2_tau_norm_grid": _NON_NEGATIVE, "s2_logit_adjust_grid": _NON_NEGATIVE,
+    "s2_mislas_eps_head": _NON_NEGATIVE, "s2_mislas_eps_tail": _NON_NEGATIVE,
     "s2_epochs": _NON_NEGATIVE, "s2_lr": _POSITIVE, "s2_beta": _UNIT, "s2_temperature": _POSITIVE,
     "eval_every": _NON_NEGATIVE, "eval_batch_size": _AT_LEAST_1, "checkpoint_minutes": _NON_NEGATIVE,
     "log_every": _AT_LEAST_1,
@@ -275,6 +318,14 @@ def resolve(preset: str | None = None, method: str | None = None,
         values["warmup_epochs"] = round(values["warmup_epochs"] * f)
         if "lr_steps" in values:  # cosine presets have no steps
             values["lr_steps"] = tuple(round(s * f) for s in values["lr_steps"])
+    if "stage2" in given:  # a stage-2 choice brings its defaults before the other settings given
+        choice = given.pop("stage2")
+        if choice not in STAGE2_CHOICES:
+            raise DataError(f"--set stage2={choice}: choose one of {', '.join(STAGE2_CHOICES)}")
+        # The preset's stage 2 first (a run's saved values may be another choice's), then the choice's.
+        recipe = PRESETS.get(values.get("preset"), {})
+        values.update({name: recipe.get(name, getattr(_DEFAULTS, name)) for name in STAGE2_FIELDS})
+        values.update(STAGE2_DEFAULTS[choice], stage2=choice)
     values.update(given)
     cfg = Config.from_dict(values)
     validate(cfg)
@@ -334,6 +385,28 @@ def _check_owned(cfg: Config) -> list[str]:
     return problems
 
 
+def _stage2_problems(cfg: Config) -> list[str]:
+    """Stage-2 settings that contradict each other."""
+    problems = []
+    if cfg.val_fraction >= 1.0:
+        problems.append(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
+    if cfg.stage2 != "distill" and cfg.s2_beta > 0:
+        problems.append(f"s2_beta={cfg.s2_beta}: distillation belongs to stage2=distill (set s2_beta=0)")
+    if cfg.stage2 in STAGE2_TUNED and cfg.val_fraction == 0:
+        setting, name = STAGE2_TUNED[cfg.stage2]
+        if len(getattr(cfg, setting)) > 1:
+            problems.append(
+                f"stage2={cfg.stage2} chooses {name} among {setting} on a validation split carved from the "
+                f"training split, and val_fraction is 0: train stage 1 with --set val_fraction=0.1 (both "
+                f"stages then leave those images out), or fix the value with --set {setting}=VALUE")
+    if not (cfg.s2_tau_norm_grid and cfg.s2_logit_adjust_grid and cfg.s2_mislas_eps_head):
+        problems.append("the stage-2 grids (s2_tau_norm_grid, s2_logit_adjust_grid, s2_mislas_eps_head) "
+                        "need at least one value")
+    if not all(e < 1.0 for e in (*cfg.s2_mislas_eps_head, cfg.s2_mislas_eps_tail)):
+        problems.append("MiSLAS smoothing (s2_mislas_eps_head, s2_mislas_eps_tail) must be in [0, 1)")
+    return problems
+
+
 def validate(cfg: Config) -> None:
     """DataError listing every setting of `cfg` outside what it may be (CHOICES, RANGES, the
     lists kept by loaders, devices and networks), and settings that contradict each other."""
@@ -343,6 +416,7 @@ def validate(cfg: Config) -> None:
         problems += _check_owned(cfg)
         if cfg.warmup_epochs > cfg.epochs:
             problems.append(f"warmup_epochs={cfg.warmup_epochs} must be within [0, epochs={cfg.epochs}]")
+        problems += _stage2_problems(cfg)
     if problems:
         raise DataError("invalid configuration: " + "; ".join(problems)
                         + " (`iccl train --list-settings` shows what each setting may be)")

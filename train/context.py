@@ -16,6 +16,7 @@ from pipeline.atomic import output_dir
 from pipeline.dataset import ShardedSplit
 from pipeline.device import autocast_dtype, pick_device, upload
 from pipeline.errors import DataError
+from pipeline.holdout import carve_validation, subset
 from pipeline.loaders import make_eval_loader, make_train_loader
 from pipeline.loaders.base import AugmentSpec, EvalSpec, TrainLoader
 from pipeline.mixing import mix_normalize, normalize, sample_lambda
@@ -37,6 +38,7 @@ class Context:
     eval: ShardedSplit | None
     metrics: MetricsLog
     amp_dtype: torch.dtype | None
+    val: ShardedSplit | None = None  # carved from the training split when cfg.val_fraction > 0
     _loaders: dict = field(default_factory=dict)
 
     @property
@@ -72,9 +74,18 @@ class Context:
             self._loaders["eval"] = self._make_eval_loader()
         return self._loaders["eval"]
 
-    def _make_eval_loader(self):
+    def plain_batches(self, which: str):
+        """Un-augmented batches (the evaluation transform) of "train" or "val", for the stage-2
+        choices that read features: NCM's class means, the validation search of tuned values."""
+        key = ("plain", which)
+        if key not in self._loaders:
+            split = self.train if which == "train" else self.val
+            self._loaders[key] = self._make_eval_loader(split)
+        return self._loaders[key]
+
+    def _make_eval_loader(self, split: ShardedSplit | None = None):
         cfg = self.cfg
-        return make_eval_loader(self.eval, loader=cfg.loader, batch_size=cfg.eval_batch_size,
+        return make_eval_loader(split or self.eval, loader=cfg.loader, batch_size=cfg.eval_batch_size,
                                 spec=EvalSpec(size=cfg.image_size, resize=cfg.eval_resize),
                                 rank=self.dist.rank, world_size=self.dist.world_size,
                                 device=self.device, workers=cfg.workers)
@@ -90,10 +101,11 @@ class Context:
         return normalize(x_u8, self.cfg.mean, self.cfg.std)
 
     def lambdas(self, epoch: int, step: int, n_local: int) -> torch.Tensor:
-        """lambda ~ Beta(alpha, alpha) per sample, drawn for the global batch and sliced per rank,
+        """lambda ~ Beta(alpha, alpha_b) per sample, drawn for the global batch and sliced per rank,
         so that N processes see exactly the lambdas one process would."""
         g = torch.Generator().manual_seed(_seed_of(self.cfg.seed, _LAMBDA_STREAM, epoch, step))
-        lam = sample_lambda(n_local * self.dist.world_size, self.cfg.alpha, g, torch.device("cpu"))
+        lam = sample_lambda(n_local * self.dist.world_size, self.cfg.alpha, g, torch.device("cpu"),
+                            b=self.cfg.alpha_b)
         return upload(lam[self.dist.rank * n_local:(self.dist.rank + 1) * n_local], self.device)
 
     def mix(self, x_a_u8, x_c_u8, lam):
@@ -128,6 +140,11 @@ def build_context(cfg: Config, run_dir: Path, with_eval: bool = True, training: 
     if not cfg.data:
         raise DataError("no dataset: pass --data DIR (a folder written by `iccl convert`)")
     train = ShardedSplit(cfg.data, cfg.train_split)
+    val = None
+    if cfg.val_fraction > 0:  # both stages train without the validation images
+        fit_idx, val_idx = carve_validation(train.labels, cfg.val_fraction, train.num_classes)
+        train, val = (subset(train, fit_idx, f"{cfg.train_split}-fit"),
+                      subset(train, val_idx, f"{cfg.train_split}-val"))
     eval_split = None
     if with_eval:
         if cfg.eval_split not in train.meta["splits"]:
@@ -140,6 +157,6 @@ def build_context(cfg: Config, run_dir: Path, with_eval: bool = True, training: 
         _check_batch(cfg, train, dist.world_size)
         output_dir(run_dir, "--out", probe=not (run_dir / "config.json").is_file())
     return Context(cfg=cfg, run_dir=run_dir, device=device, dist=dist, train=train, eval=eval_split,
-                   metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main,
-                                      tensorboard_dir=run_dir / "tensorboard" if cfg.tensorboard else None),
+                   val=val, metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main,
+                                               tensorboard_dir=run_dir / "tensorboard" if cfg.tensorboard else None),
                    amp_dtype=autocast_dtype(device, cfg.amp))

@@ -6,6 +6,7 @@ run's autocast setting. The projection head is a training-time module and is nev
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
@@ -38,13 +39,28 @@ def classify(net: ICCLNet, x_u8: torch.Tensor, *, mean: Sequence[float], std: Se
         return net.classifier(net.encoder(normalize(x_u8, mean, std))).float()
 
 
+STAGE1_SOURCE = "stage1_source.json"  # written by `iccl stage2 --from`: where stage 1 came from
+
+
+def read_stage1_source(run_dir: Path) -> dict | None:
+    """What `iccl stage2 --from` recorded about the run's stage 1 (None for a run that trained its own)."""
+    path = Path(run_dir) / STAGE1_SOURCE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stage1_path(run_dir: Path) -> Path:
+    """The run's stage-1 model: its own stage1.pt, or the one `iccl stage2 --from` recorded."""
+    source = read_stage1_source(run_dir)
+    return Path(source["stage1"]) if source else Path(run_dir) / "stage1.pt"
+
+
 def saved_model_path(run_dir: Path, stage: int = 2) -> Path:
-    """final.pt (stage 2, the rebalanced model) or stage1.pt of a run, with clear errors when the run
-    directory or the model is missing."""
+    """final.pt (stage 2, the rebalanced model) or the stage-1 model of a run (`stage1_path`), with
+    clear errors when the run directory or the model is missing."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise DataError(f"{run_dir}: not a run directory (no config.json). Pass the --out of `iccl train`.")
-    path = run_dir / ("final.pt" if stage == 2 else "stage1.pt")
+    path = run_dir / "final.pt" if stage == 2 else stage1_path(run_dir)
     if not path.is_file():
         raise DataError(f"{path}: missing; stage {stage} of this run has not finished. Resume it with "
                         f"`iccl train --out {run_dir}`.")

@@ -25,6 +25,7 @@ import torch
 from pipeline.atomic import atomic_open
 from pipeline.format import FEW_BELOW, MANY_ABOVE, shot_groups
 from train import checkpoint, metrics
+from train.inference import stage1_path
 
 GROUP_COLOURS = {"many": "#4C72B0", "medium": "#DD8452", "few": "#C44E52"}
 STAGE_COLOURS = {"stage1": "#4C72B0", "stage2": "#55A868"}
@@ -250,11 +251,11 @@ def draw_run(run_dir: Path, evaluation: dict, train_counts: Sequence[int], title
     """Draw the three pictures of a run into `run_dir` (each written atomically); returns their paths.
 
     `evaluation` is the result of `train.evaluate.evaluate` (its "per_class"), `train_counts` the
-    training images per class; the weights come from stage1.pt / final.pt and the curves from
+    training images per class; the weights come from the stage-1 model (`stage1_path`) / final.pt and the curves from
     metrics.jsonl in `run_dir`, whichever of them exist."""
     run_dir = Path(run_dir)
-    saved = {name: checkpoint.load(run_dir / name) if (run_dir / name).is_file() else None
-             for name in ("stage1.pt", "final.pt")}
+    paths = {"stage1.pt": stage1_path(run_dir), "final.pt": run_dir / "final.pt"}
+    saved = {name: checkpoint.load(path) if path.is_file() else None for name, path in paths.items()}
     return [
         draw_per_class(per_class_data(evaluation["per_class"], train_counts), run_dir / "per_class.png", title),
         draw_weight_norms(weight_norm_data(train_counts, saved["stage1.pt"], saved["final.pt"]),

@@ -4,6 +4,7 @@ Run directory:
     config.json     the resolved config (a resumed run must not change what it trains)
     checkpoint.pt   the latest state (stage, epoch, step, weights, centroids, optimiser)
     stage1.pt       the stage-1 model (the distillation teacher, and `iccl eval --stage 1`) and centroids
+    stage1_source.json  instead of stage1.pt in a run made by `iccl stage2 --from`: where it came from
     final.pt        the model after classifier rebalancing
     metrics.jsonl   training metrics and evaluations, one JSON object per line
     report.json     the evaluations at the end of each stage
@@ -27,11 +28,13 @@ from train.config import Config, load_config_json
 from train.context import Context, build_context
 from train.distributed import barrier
 from train.evaluate import evaluate
-from train.inference import classify, place, saved_model_path
+from train.inference import (STAGE1_SOURCE, classify, place, read_stage1_source, saved_model_path,
+                             stage1_path)
 from train.loop import run_epochs
 from train.plots import draw_run
 from train.stage1 import Stage1
-from train.stage2 import Stage2
+from train.stage2_methods import run_stage2
+
 
 # Settings that may differ when a run is resumed: they change how fast it runs, not what it learns.
 RESUMABLE_CHANGES = {"data", "loader", "workers", "device", "compile", "eval_every", "eval_batch_size",
@@ -78,30 +81,43 @@ def _check_data(ctx: Context, state: dict) -> None:
                         f"trained with {state.get('num_classes')}. Pass the dataset the run was made with.")
 
 
-def train(cfg: Config, run_dir: Path) -> dict:
-    """Train (or resume) both stages; returns the report."""
+def train(cfg: Config, run_dir: Path, stage1_source: dict | None = None) -> dict:
+    """Train (or resume) both stages; returns the report. `stage1_source` (from
+    `train.stage2_from.stage2_run_config`) starts a new run at stage 2 from another run's stage 1."""
     run_dir = Path(run_dir)
     check_resume_config(run_dir, cfg)
     ctx = build_context(cfg, run_dir)
     try:
-        return _train(ctx)
+        return _train(ctx, stage1_source)
     finally:
         ctx.close()
 
 
-def _train(ctx: Context) -> dict:
+def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
     cfg, run_dir = ctx.cfg, ctx.run_dir
     if ctx.dist.is_main:
         write_json(run_dir / "config.json", cfg.to_dict())
+        if stage1_source:
+            write_json(run_dir / STAGE1_SOURCE, stage1_source)
     ckpt_path = run_dir / "checkpoint.pt"
-    state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else {"stage": 1, "epoch": 0, "step": 0}
+    source = stage1_source or read_stage1_source(run_dir)
+    if ckpt_path.is_file():
+        state = checkpoint.load(ckpt_path)
+    elif source:  # stage 2 from another run's stage1.pt: nothing copied, its path recorded
+        saved = checkpoint.load(Path(source["stage1"]))
+        state = {"stage": 2, "epoch": 0, "step": 0, "num_classes": saved["num_classes"], "net": saved["net"]}
+    else:
+        state = {"stage": 1, "epoch": 0, "step": 0}
     if "net" in state:
         _check_data(ctx, state)
         where = ("both stages are done" if state["stage"] == "done" else
                  f"stage {state['stage']}, epoch {state['epoch'] + 1}, step {state['step']}")
-        ctx.say(f"resuming {run_dir}: {where}")
+        ctx.say(f"resuming {run_dir}: {where}" if ckpt_path.is_file() else
+                f"{run_dir}: stage 2 from {source['stage1']}")
     report_path = run_dir / "report.json"
     report = read_report(report_path)
+    if source and "stage1" not in report and source.get("stage1_eval"):
+        report["stage1"] = source["stage1_eval"]
     t0 = time.monotonic()
 
     def saver(stage_no, stage):
@@ -141,15 +157,10 @@ def _train(ctx: Context) -> dict:
         barrier()
         state = {"stage": 2, "epoch": 0, "step": 0, "net": net.state_dict()}
     if state["stage"] == 2:
-        teacher = None
-        if cfg.s2_beta > 0:
-            teacher = prepare(new_network(cfg, ctx.num_classes), ctx)
-            teacher.load_state_dict(checkpoint.load(run_dir / "stage1.pt")["net"])
-        net.load_state_dict(state["net"])
-        stage = Stage2(ctx, net, teacher)
-        if "optimizer" in state:
-            stage.load_state_dict(state)
-        run_epochs(ctx, stage, state["epoch"], state["step"], saver(2, stage), evaluator(stage, cfg.eval_every))
+        report["stage2_choice"] = run_stage2(ctx, net, state,
+                                             stage1_path(run_dir) if not stage1_source else Path(source["stage1"]),
+                                             lambda stage: saver(2, stage),
+                                             lambda stage: evaluator(stage, cfg.eval_every))
         report["stage2"] = run_eval(ctx, net)
         ctx.metrics.write(stage="stage2", event="eval", epoch=cfg.s2_epochs - 1, **_short(report["stage2"]))
         report["train_seconds_this_session"] = round(time.monotonic() - t0, 1)

@@ -1,4 +1,4 @@
-"""Stage 1, representation learning (spec/ICCL.md): warm-up on the uniform branch, then the
+"""Stage 1, representation learning (docs/METHOD.md): warm-up on the uniform branch, then the
 interpolative branch; the centroids follow the clean uniform-branch embeddings (Eq. 1)."""
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def wrap(ctx, module: torch.nn.Module) -> torch.nn.Module:
 
 
 def sgd(cfg, params, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov)
 
 
 class Stage1:

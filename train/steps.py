@@ -1,4 +1,4 @@
-"""The loss of one training step, for each phase of the method (spec/ICCL.md, Eqs. 4-8).
+"""The loss of one training step, for each phase of the method (docs/METHOD.md, Eqs. 4-8).
 
 Pure functions of (network, centroids, normalised inputs): the trainer, the benchmark and the tests
 call the same code. The network sees one fused forward over [x_a; x_mix] (the single-forward trick
@@ -39,9 +39,9 @@ def stage1_loss(net, centroids: torch.Tensor | None, phase: str, x_a: torch.Tens
         _, logits, _ = net(x_a)
         return uniform_ce(logits, y_a), None
     if phase == "warmup":
-        # Eq. 6 + Eq. 4 on the clean embedding: L_ce^u + L_cc.
+        # Eq. 6 + Eq. 4 on the clean embedding: w^u L_ce^u + L_cc (w^u is Eq. 8's, warm-up included).
         _, logits, z = net(x_a)
-        return uniform_ce(logits, y_a) + centroid_contrastive(z, centroids, y_a, weights.tau), z
+        return weights.w_u * uniform_ce(logits, y_a) + centroid_contrastive(z, centroids, y_a, weights.tau), z
     n = x_a.shape[0]
     _, logits, z = net(torch.cat([x_a, x_mix]))
     logits_a, logits_m = logits[:n], logits[n:]

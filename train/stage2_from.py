@@ -1,0 +1,52 @@
+"""A stage-2 run that starts from another run's stage-1 model (`iccl stage2 --from RUN --out RUN2`).
+
+Nothing big is copied: RUN2 records where its stage 1 came from in `stage1_source.json` (the path
+and SHA-256 of RUN/stage1.pt, RUN's stage-1 evaluation) and trains, resumes and evaluates like any
+run. Its config is RUN's, with only the stage-2 settings (`STAGE2_FIELDS`) and the settings that
+change speed, not results, allowed to differ.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pipeline.errors import DataError
+from train import checkpoint
+from train.config import STAGE2_FIELDS, Config, resolve
+from train.inference import stage1_path
+from train.runner import RESUMABLE_CHANGES
+
+
+def stage2_run_config(source_run: Path, overrides: dict[str, str],
+                      explicit: dict | None = None) -> tuple[Config, dict]:
+    """(the new run's config, its stage-1 source record). `overrides` are `--set` strings,
+    `explicit` typed speed settings (data, loader, workers, device). Raises DataError when RUN has no
+    finished stage 1 or an override would change stage 1."""
+    source_run = Path(source_run).resolve()
+    path = stage1_path(source_run)
+    if not path.is_file():
+        raise DataError(f"{path}: missing; the stage 1 of {source_run} has not finished (resume it with "
+                        f"`iccl train --out {source_run}`), or --from is not a run directory.")
+    stage1_only = sorted(k for k in overrides if k not in STAGE2_FIELDS and k not in RESUMABLE_CHANGES)
+    if stage1_only:
+        raise DataError(f"--set {', '.join(stage1_only)}: stage-1 settings; the stage 1 of {source_run} is "
+                        f"fixed. Change only {', '.join(STAGE2_FIELDS)} here, or train a new run.")
+    saved = checkpoint.load(path)
+    values = Config.from_dict(saved["config"]).to_dict()  # also reads configs of older versions
+    preset, method = values.pop("preset"), values.pop("method")
+    values.update({k: v for k, v in (explicit or {}).items() if v is not None})
+    cfg = resolve(preset, method, overrides, **values)
+    report = source_run / "report.json"
+    stage1_eval = json.loads(report.read_text()).get("stage1") if report.is_file() else None
+    record = {"run": str(source_run), "stage1": str(path.resolve()), "stage1_sha256": _sha256(path),
+              "stage1_eval": stage1_eval}
+    return cfg, record
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
