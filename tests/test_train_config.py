@@ -38,8 +38,7 @@ def test_stage2_choice_brings_its_defaults_then_set_overrides():
         ("lws", 0.0, 0.0, False, 3)
     # from a CE run's config (cRT's values saved), distill returns to the preset's stage 2
     saved = resolve("cifar10-lt", "ce").to_dict()
-    saved.pop("preset"), saved.pop("method")
-    d = resolve("cifar10-lt", "ce", {"stage2": "distill"}, **saved)
+    d = resolve(overrides={"stage2": "distill"}, base=saved)
     assert (d.s2_gamma, d.s2_beta, d.s2_reinit_classifier, d.s2_finetune_encoder) == (1.0, 0.5, False, True)
     with pytest.raises(DataError, match="choose one of"):
         resolve("cifar10-lt", overrides={"stage2": "ldam"})
@@ -139,7 +138,7 @@ def test_every_numeric_setting_has_one_rule():
     numeric = {f.name for f in fields(Config)
                if not isinstance(getattr(Config(), f.name), (bool, str)) or f.name == "proj_hidden"}
     assert numeric - set(RANGES) == any_finite
-    assert set(CHOICES) == {"preset", "method", "schedule", "augment"}
+    assert set(CHOICES) == {"preset", "method", "schedule", "augment", "stage2"}
 
 
 @pytest.mark.parametrize("key, text, words", [

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.errors import DataError
+from pipeline.loaders import LOADER_CHOICES
 
 EXAMPLES = """\
 examples:
@@ -43,7 +44,7 @@ def register(sub) -> None:
                    help="run directory whose stage1.pt is used (made by `iccl train`)")
     p.add_argument("--out", required=True, type=Path, help="the new run directory (created, or resumed)")
     p.add_argument("--data", help="dataset folder, if it moved since the stage-1 run")
-    p.add_argument("--loader", choices=("auto", "resident", "dali", "ffcv", "reference"))
+    p.add_argument("--loader", choices=LOADER_CHOICES)
     p.add_argument("--workers", type=int, help="decode threads / worker processes per process")
     p.add_argument("--device", help="auto (default), cpu, cuda")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -34,9 +34,7 @@ def stage2_run_config(source_run: Path, overrides: dict[str, str],
                         f"fixed. Change only {', '.join(STAGE2_FIELDS)} here, or train a new run.")
     saved = checkpoint.load(path)
     values = Config.from_dict(saved["config"]).to_dict()  # also reads configs of older versions
-    preset, method = values.pop("preset"), values.pop("method")
-    values.update({k: v for k, v in (explicit or {}).items() if v is not None})
-    cfg = resolve(preset, method, overrides, **values)
+    cfg = resolve(None, None, overrides, base=values, **(explicit or {}))
     report = source_run / "report.json"
     stage1_eval = json.loads(report.read_text()).get("stage1") if report.is_file() else None
     record = {"run": str(source_run), "stage1": str(path.resolve()), "stage1_sha256": _sha256(path),
