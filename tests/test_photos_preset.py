@@ -23,9 +23,9 @@ def test_photos_recipe():
 
 
 def test_cpu_sized_settings_of_the_readme():
-    c = resolve("photos", overrides={"arch": "resnet18", "image_size": "112", "eval_resize": "128"},
-                epochs=12)
-    assert (c.arch, c.image_size, c.eval_resize, c.epochs, c.warmup_epochs) == ("resnet18", 112, 128, 12, 6)
+    c = resolve("photos", overrides={"arch": "resnet18", "image_size": "96", "eval_resize": "112"},
+                epochs=10)
+    assert (c.arch, c.image_size, c.eval_resize, c.epochs, c.warmup_epochs) == ("resnet18", 96, 112, 10, 5)
 
 
 @pytest.mark.slow

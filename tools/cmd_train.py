@@ -15,9 +15,17 @@ examples:
   iccl train --out runs/iccl                       # resume an interrupted run
   iccl train --preset cifar10-lt --data D --out runs/s --seeds 0,1,2   # mean ± std over seeds
   torchrun --nproc_per_node 8 -m tools.cli train --preset imagenet-lt --data D --out runs/in
+  iccl train --preset photos --data data/photos --out runs/photos --set pretrained=resnet50.pth
+  iccl train --preset photos --data data/photos --out runs/cpu --epochs 10 --set arch=resnet18
+      --set image_size=96 --set eval_resize=112          # (one line) sized for a 2-core CPU
 
 Presets carry the paper's recipes (ResNet-32 / ResNeXt-50 / ResNet-50, epochs, schedule, batch,
-lr, weight decay, augmentation, T_w, stage 2). The learning rate scales linearly with --batch-size
+lr, weight decay, augmentation, T_w, stage 2); `photos` is for your own image folders.
+Backbones (--set arch=...): resnet32; torchvision's resnet18/34/50/101/152, resnext50_32x4d,
+resnext101_32x8d, resnext101_64x4d, wide_resnet50_2, wide_resnet101_2; or timm:NAME for any timm
+model (e.g. timm:convnext_tiny). --set pretrained=FILE loads a local .pth / .safetensors file into
+the encoder (never the classifier); nothing is downloaded.
+The learning rate scales linearly with --batch-size
 (the preset's lr is for its own batch size). Any setting can be changed with --set KEY=VALUE
 (repeatable); `iccl train --list-settings` shows them all with the preset's values.
 A run directory holds config.json, metrics.jsonl, checkpoints and report.json; pointing
@@ -30,8 +38,8 @@ def register(sub) -> None:
                        description="Train stage 1 (representation) and stage 2 (classifier rebalancing), "
                                    "then evaluate overall and by many / medium / few classes.",
                        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help="cifar10-lt, cifar100-lt, imagenet-lt, inat2018 or synthetic-lt "
-                                    "(not needed to resume)")
+    p.add_argument("--preset", help="cifar10-lt, cifar100-lt, imagenet-lt, inat2018, photos or "
+                                    "synthetic-lt (not needed to resume)")
     p.add_argument("--data", help="dataset folder written by `iccl convert`")
     p.add_argument("--out", type=Path, help="run directory (created, or resumed); required except with "
                                            "--list-settings")

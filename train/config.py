@@ -121,7 +121,7 @@ PRESETS: dict[str, dict] = {
     # Your own photographs (`iccl convert folder --holdout`): a few thousand images, ImageNet-style.
     # Stage 1 is shorter than ImageNet's 90 epochs because each epoch is a few dozen steps; T_w is
     # half of it as in the paper's recipes. For a 2-core CPU, README gives the smaller settings
-    # (arch=resnet18, image_size=112, --epochs 12).
+    # (arch=resnet18, image_size=96, eval_resize=112, --epochs 10).
     "photos": dict(
         arch="resnet50", proj_dim=128, augment="rrc", image_size=224, eval_resize=256, jitter=0.4,
         mean=_IMAGENET_MEAN, std=_IMAGENET_STD, epochs=60, batch_size=64, lr=0.1, lr_ref_batch=256,
