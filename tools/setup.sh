@@ -21,7 +21,7 @@ declare -A TORCHVISION_FOR=([2.13]=0.28.0 [2.14]=0.29.1)
 if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
-TORCH=$($PY -c "import torch; print(torch.__version__)")
+TORCH=$($PY -c "from importlib.metadata import version; print(version('torch'))")  # as pip knows it
 TV=${TORCHVISION_FOR[$(echo "$TORCH" | cut -d. -f1,2)]:-}
 if [ -z "$TV" ]; then
   echo "error: torch $TORCH is installed; this project pairs torchvision with torch 2.13 or 2.14." >&2
