@@ -86,7 +86,6 @@ def load_folder(root: Path, holdout: float | int | None = None, seed: int = 0) -
         "kind": "folder",
         "root": str(root.absolute()),
         "layout": layout,
-        "class_order": "folder names sorted by code point (torchvision ImageFolder)",
         "image_extensions": list(IMAGE_EXTENSIONS),
         "non_image_files_ignored": ignored,
     }
