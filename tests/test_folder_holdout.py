@@ -149,3 +149,17 @@ def test_cli_rejects_a_bad_holdout_and_a_split_tree(tmp_path, capsys):
     assert main(["convert", "folder", "--root", str(root), "--holdout", "2",
                  "--out", str(tmp_path / "o")]) == 2
     assert "already has split folders (train/)" in capsys.readouterr().err
+
+
+def test_very_large_images_get_a_max_side_hint(tmp_path, capsys, monkeypatch):
+    import pipeline.convert_shard as convert_shard
+
+    monkeypatch.setattr(convert_shard, "LARGE_IMAGE_PIXELS", 15 * 15)  # 16 x 16 counts as "large"
+    root = tmp_path / "photos"
+    _tree(root, {"cat": 2})
+    Image.new("RGB", (16, 16)).save(root / "cat" / "big.png")
+    assert main(["convert", "folder", "--root", str(root), "--out", str(tmp_path / "o"), "--workers", "1"]) == 0
+    assert "hint: 1 images have more than" in capsys.readouterr().err
+    assert main(["convert", "folder", "--root", str(root), "--out", str(tmp_path / "small"), "--workers", "1",
+                 "--max-side", "8"]) == 0
+    assert "hint:" not in capsys.readouterr().err  # shrunk by --max-side: nothing to suggest
