@@ -50,8 +50,8 @@ sources and the options they need:
                            images in subfolders of a class folder belong to that class.
                            --holdout F|N, --seed S: draw a test split from a ROOT/<class>/ tree,
                            a fraction F of each class or N images per class (every class keeps at
-                           least one training image); refused when ROOT has train/ val/ or test/
-                           images with an EXIF orientation are turned upright (and re-encoded)
+                           least one training image); refused when ROOT has train/, val/ or
+                           test/. Images with an EXIF orientation are turned upright (re-encoded).
   synthetic-lt             generated images, no download: --classes, --image-size, --imbalance,
                            --max-per-class, --test-per-class, --seed
 
