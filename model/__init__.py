@@ -8,8 +8,8 @@ from .losses import (
     interpolative_ce,
     uniform_ce,
 )
-from .network import ARCHITECTURES, ICCLNet, build_network, load_torchvision_weights
-from .resnet import resnet50, resnext50_32x4d
+from .network import ARCHITECTURES, ICCLNet, build_network, check_arch
+from .pretrained import load_pretrained
 from .resnet_cifar import resnet32
 
 __all__ = [
@@ -17,14 +17,13 @@ __all__ = [
     "CentroidBank",
     "ICCLNet",
     "build_network",
+    "check_arch",
     "centroid_contrastive",
     "centroid_logits",
     "distillation_loss",
     "interpolative_centroid_contrastive",
     "interpolative_ce",
-    "load_torchvision_weights",
+    "load_pretrained",
     "resnet32",
-    "resnet50",
-    "resnext50_32x4d",
     "uniform_ce",
 ]

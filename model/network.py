@@ -5,23 +5,13 @@ concatenated batch [x_a; x_mix]; stage 2 uses ``forward_features`` + ``classifie
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .resnet import resnet50, resnext50_32x4d
-from .resnet_cifar import resnet32
+from .backbones import ARCHITECTURES, build_encoder, check_arch
 
-__all__ = ["ARCHITECTURES", "ICCLNet", "build_network", "check_arch", "load_torchvision_weights"]
-
-_ENCODERS: dict[str, Callable[[], nn.Module]] = {
-    "resnet32": resnet32,
-    "resnet50": resnet50,
-    "resnext50_32x4d": resnext50_32x4d,
-}
-ARCHITECTURES: tuple[str, ...] = tuple(_ENCODERS)
+__all__ = ["ARCHITECTURES", "ICCLNet", "build_network", "check_arch"]
 
 
 class ICCLNet(nn.Module):
@@ -66,59 +56,12 @@ class ICCLNet(nn.Module):
         return features, self.classifier(features), self.project(features)
 
 
-def check_arch(arch: str) -> None:
-    """Raise ValueError (naming the valid choices) unless `arch` is a network `build_network`
-    makes. The one check of architecture names: the config validates `arch` through it."""
-    if arch not in _ENCODERS:
-        raise ValueError(
-            f"unknown architecture {arch!r}; valid names are: {', '.join(ARCHITECTURES)}"
-        )
-
-
 def build_network(
     arch: str, num_classes: int, proj_dim: int, proj_hidden: int | None = None
 ) -> ICCLNet:
-    """Build an :class:`ICCLNet` on one of :data:`ARCHITECTURES`."""
-    check_arch(arch)
-    return ICCLNet(_ENCODERS[arch](), num_classes, proj_dim, proj_hidden)
-
-
-def load_torchvision_weights(net: ICCLNet, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    """Load a torchvision-format ResNet state dict into ``net``.
-
-    Every encoder tensor must be present with the same shape, except BatchNorm
-    ``num_batches_tracked`` counters, which older torchvision checkpoints lack (they
-    are then left as they are). ``fc.weight`` / ``fc.bias`` go into the classifier
-    when their shapes match it.
-
-    Returns:
-        The keys of ``state_dict`` that were not loaded, in their original order.
+    """Build an :class:`ICCLNet` on the encoder `arch` names (the rule: `model.backbones`).
 
     Raises:
-        ValueError: naming the encoder keys that are missing or shaped differently.
+        ValueError: an unknown name (see :func:`check_arch`).
     """
-    encoder_state = net.encoder.state_dict()
-    missing = [
-        k for k in encoder_state if k not in state_dict and not k.endswith("num_batches_tracked")
-    ]
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(v.shape)}"
-        for k, v in encoder_state.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    if missing or mismatched:
-        lines = [f"missing: {k}" for k in missing] + [f"shape mismatch: {m}" for m in mismatched]
-        raise ValueError(
-            "checkpoint does not fit the encoder (is it for the same architecture?):\n  "
-            + "\n  ".join(lines)
-        )
-    net.encoder.load_state_dict({k: state_dict[k] for k in encoder_state if k in state_dict},
-                                strict=False)
-    loaded = set(encoder_state)
-
-    head = {"fc.weight": net.classifier.weight, "fc.bias": net.classifier.bias}
-    if all(k in state_dict and state_dict[k].shape == p.shape for k, p in head.items()):
-        net.classifier.load_state_dict({"weight": state_dict["fc.weight"],
-                                        "bias": state_dict["fc.bias"]})
-        loaded.update(head)
-    return [k for k in state_dict if k not in loaded]
+    return ICCLNet(build_encoder(arch), num_classes, proj_dim, proj_hidden)

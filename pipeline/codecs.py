@@ -5,7 +5,7 @@ import io
 
 import numpy as np
 import simplejpeg
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def decode(data, ext: str) -> np.ndarray:
@@ -29,3 +29,12 @@ def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
     """Baseline (non-progressive) 4:2:0 JPEG, what GPU hardware decoders accept."""
     return simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=quality,
                                   colorspace="RGB", colorsubsampling="420")
+
+
+def exif_upright(im: Image.Image) -> tuple[Image.Image, bool]:
+    """`im` turned as its EXIF orientation tag says (Pillow's `ImageOps.exif_transpose`), and whether
+    it was turned. Cameras store portrait photos sideways with that tag; viewers show them upright,
+    and a model should be trained on what a person sees, so conversion applies it once."""
+    if im.getexif().get(0x0112, 1) in (0, 1):  # absent, or "normal"
+        return im, False
+    return ImageOps.exif_transpose(im), True

@@ -43,7 +43,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from pipeline.atomic import atomic_open, output_dir, remove_stale_tmp, write_json
-from pipeline.convert_shard import ShardResult, ShardTask, describe_item, load_done, run_shard
+from pipeline.convert_shard import (LARGE_IMAGE_PIXELS, ShardResult, ShardTask, describe_item,
+                                    load_done, run_shard)
 from pipeline.errors import ON_ERROR, DataError
 from pipeline.format import (FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE, INDEX_FILE, META_FILE,
                              beton_name, read_meta, shard_name, shot_groups)
@@ -293,9 +294,18 @@ def _finish(source: Source, out: Path, results: Iterable[ShardResult], options: 
             "formats": ["webdataset"], "skipped": len(split_skipped),
             "converted_to_rgb": sum(r.converted_to_rgb for r in rs),
             "reencoded": sum(r.reencoded for r in rs),
+            "exif_rotated": sum(r.exif_rotated for r in rs),
             "shard_sha256": [r.sha256 for r in rs],
         }
     _check_train_classes(source, splits["train"]["class_counts"], skipped)
+    turned = sum(s["exif_rotated"] for s in splits.values())
+    if turned:
+        say(f"{turned} images turned upright by their EXIF orientation (and re-encoded).")
+    large = sum(r.large_images for rs in by_split.values() for r in rs)
+    if large:
+        say(f"hint: {large} images have more than {LARGE_IMAGE_PIXELS // 1_000_000} megapixels and are "
+            f"stored at full size; converting with --max-side 512 (or the training size x 2) makes every "
+            f"epoch decode them many times faster.")
     for name, index in indexes.items():
         with atomic_open(out / name / INDEX_FILE, "wb") as f:
             np.save(f, index)

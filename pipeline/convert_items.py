@@ -10,8 +10,10 @@
                                               a JPEG dataset stays all JPEG (ImageNet has such files)
 
 When the longer side exceeds `max_side`, the image is shrunk to it and stored as baseline JPEG at
-`quality`, whatever it came as. The format is told by the file's first bytes, never by its name
-(ImageNet has PNGs named .JPEG). Stored JPEGs are baseline or progressive 3-channel files that
+`quality`, whatever it came as. An image with an EXIF orientation other than "normal" (a camera's
+portrait photo stored sideways) is turned upright as a viewer shows it and re-encoded (JPEG at
+`quality`; PNG stays PNG), so training sees it the way a person does. The format is told by the
+file's first bytes, never by its name (ImageNet has PNGs named .JPEG). Stored JPEGs are baseline or progressive 3-channel files that
 libjpeg-turbo decodes without a warning, which is what every loader (simplejpeg, DALI, FFCV) takes.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from pipeline.codecs import encode_jpeg, encode_png
+from pipeline.codecs import encode_jpeg, encode_png, exif_upright
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -50,6 +52,8 @@ class Encoded:
     ext: str                # 'jpg' | 'png'
     converted_to_rgb: bool  # the source was grayscale, palette, CMYK, with alpha, ...
     reencoded: bool         # stored as a new lossy JPEG instead of the source's own bytes
+    exif_rotated: bool = False  # turned upright by its EXIF orientation tag
+    pixels: int = 0         # width x height of the source image (0 for arrays)
 
 
 def encode_item(item, max_side: int | None, quality: int) -> Encoded:
@@ -80,7 +84,7 @@ def _from_file(path: str, max_side: int | None, quality: int) -> Encoded:
         raise BadItem(f"cannot read the file ({e.strerror or e})") from None
     if not data:
         raise BadItem("empty file")
-    if data.startswith(JPEG_MAGIC) and _is_plain_jpeg(data):
+    if data.startswith(JPEG_MAGIC) and _is_plain_jpeg(data) and not _turned(data):
         try:
             pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
         except ValueError as e:
@@ -89,11 +93,12 @@ def _from_file(path: str, max_side: int | None, quality: int) -> Encoded:
             if "extraneous bytes" not in str(e):
                 raise BadItem(f"corrupt or truncated JPEG ({e})") from None
         else:
+            size = pixels.shape[0] * pixels.shape[1]
             target = fit_within(pixels.shape[1], pixels.shape[0], max_side)
             if not target:
-                return Encoded(data, "jpg", False, False)
+                return Encoded(data, "jpg", False, False, pixels=size)
             return Encoded(encode_jpeg(_resize(Image.fromarray(pixels), target), quality), "jpg",
-                           False, True)
+                           False, True, pixels=size)
     keep_png = data.startswith(PNG_MAGIC) and not path.lower().endswith(JPEG_NAMES)
     return _decode_and_encode(data, keep_png, max_side, quality)
 
@@ -102,15 +107,26 @@ def _decode_and_encode(data: bytes, is_png: bool, max_side: int | None, quality:
     try:
         with Image.open(io.BytesIO(data)) as im:
             converted = im.mode != "RGB"
-            rgb = im.convert("RGB")  # loads the pixels: Pillow raises on truncated data here
+            upright, turned = exif_upright(im)
+            rgb = upright.convert("RGB")  # loads the pixels: Pillow raises on truncated data here
     except Exception as e:  # any decoder failure means the file is damaged or not an image
         raise BadItem(f"not a readable image ({type(e).__name__}: {e})") from None
+    size = rgb.width * rgb.height
     target = fit_within(rgb.width, rgb.height, max_side)
     if target:
-        return Encoded(encode_jpeg(_resize(rgb, target), quality), "jpg", converted, True)
+        return Encoded(encode_jpeg(_resize(rgb, target), quality), "jpg", converted, True, turned, size)
     if is_png:
-        return Encoded(encode_png(np.asarray(rgb)), "png", converted, False)
-    return Encoded(encode_jpeg(np.asarray(rgb), quality), "jpg", converted, True)
+        return Encoded(encode_png(np.asarray(rgb)), "png", converted, False, turned, size)
+    return Encoded(encode_jpeg(np.asarray(rgb), quality), "jpg", converted, True, turned, size)
+
+
+def _turned(data: bytes) -> bool:
+    """True when a JPEG's EXIF orientation tag asks for a turn (read from the header only)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.getexif().get(0x0112, 1) not in (0, 1)
+    except Exception:  # an unreadable header: the strict decode that follows reports it
+        return False
 
 
 def _is_plain_jpeg(data: bytes) -> bool:

@@ -79,7 +79,7 @@ def test_arrays_round_trip_and_meta(tmp_path):
     assert meta["splits"]["train"] == {
         "num_samples": 40, "num_shards": 3, "class_counts": [10, 10, 10, 10],
         "bytes": sum((tmp_path / "out" / "train" / shard_name(k)).stat().st_size for k in range(3)),
-        "formats": ["webdataset"], "skipped": 0, "converted_to_rgb": 0, "reencoded": 0,
+        "formats": ["webdataset"], "skipped": 0, "converted_to_rgb": 0, "reencoded": 0, "exif_rotated": 0,
         "shard_sha256": meta["splits"]["train"]["shard_sha256"]}
     assert meta["splits"]["test"]["num_samples"] == 8
     assert meta["shot_groups"] == {"many": [], "medium": [], "few": [0, 1, 2, 3]}

@@ -20,7 +20,7 @@ def test_presets_carry_the_paper_recipes():
     n = resolve("inat2018")
     assert (n.arch, n.batch_size, n.lr, n.weight_decay, n.eval_split) == ("resnet50", 512, 0.2, 1e-4, "val")
     assert not n.s2_finetune_encoder
-    assert set(PRESETS) == {"cifar10-lt", "cifar100-lt", "imagenet-lt", "inat2018", "synthetic-lt"}
+    assert set(PRESETS) == {"cifar10-lt", "cifar100-lt", "imagenet-lt", "inat2018", "photos", "synthetic-lt"}
 
 
 def test_ce_method_is_crt_in_stage_2():

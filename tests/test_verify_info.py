@@ -181,7 +181,7 @@ def test_cli_convert_passes_the_options(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["convert", "cifar10-lt"], "cifar10-lt needs --source PATH"),
     (["convert", "imagenet-lt", "--root", "x"], "imagenet-lt needs --lists PATH"),
-    (["convert", "folder", "--root", "x", "--seed", "1"], "--seed does not apply to folder"),
+    (["convert", "folder", "--root", "x", "--imbalance", "5"], "--imbalance does not apply to folder"),
 ])
 def test_cli_convert_option_errors(tmp_path, capsys, argv, message):
     assert tools.cli.main(argv + ["--out", str(tmp_path / "out")]) == 2

@@ -15,7 +15,7 @@ SOURCE_OPTIONS = {
     "cifar100-lt": {"source": REQUIRED, "imbalance": 100.0, "seed": 0},
     "imagenet-lt": {"root": REQUIRED, "lists": REQUIRED},
     "inat2018": {"root": REQUIRED, "lists": None},
-    "folder": {"root": REQUIRED},
+    "folder": {"root": REQUIRED, "holdout": None, "seed": 0},
     "synthetic-lt": {"classes": 10, "image_size": 32, "imbalance": 100.0, "max_per_class": 500,
                      "test_per_class": 100, "seed": 0},
 }
@@ -48,13 +48,20 @@ sources and the options they need:
                            --lists PATH (optional): the folder with iNaturalist18_{train,val}.txt,
                            used instead of the JSON files
   folder                   --root PATH: ROOT/<class>/<images> (all train), or ROOT/train/<class>/
-                           with optional ROOT/val/ and ROOT/test/; classes by folder name
+                           with optional ROOT/val/ and ROOT/test/. Classes are the folder names
+                           sorted by code point (as torchvision's ImageFolder: "B" before "a");
+                           images in subfolders of a class folder belong to that class.
+                           --holdout F|N, --seed S: draw a test split from a ROOT/<class>/ tree,
+                           a fraction F of each class or N images per class (every class keeps at
+                           least one training image); refused when ROOT has train/, val/ or
+                           test/. Images with an EXIF orientation are turned upright (re-encoded).
   synthetic-lt             generated images, no download: --classes, --image-size, --imbalance,
                            --max-per-class, --test-per-class, --seed
 
 examples:
   iccl convert cifar10-lt --source cifar-10-python.tar.gz --imbalance 100 --out data/cifar10-lt-100
   iccl convert imagenet-lt --root /data/imagenet --lists lists/ --max-side 256 --out data/imagenet-lt
+  iccl convert folder --root ~/photos --holdout 0.2 --max-side 512 --out data/photos
   iccl convert synthetic-lt --classes 20 --out data/synthetic --ffcv
 
 bad items (missing, unreadable or corrupt files, labels out of range) stop the conversion with a
@@ -87,7 +94,11 @@ def _register_convert(subparsers) -> None:
     src.add_argument("--imbalance", type=float, metavar="R",
                      help="CIFAR-LT, synthetic-lt: largest / smallest training class size (default 100)")
     src.add_argument("--seed", type=int, metavar="S",
-                     help="CIFAR-LT, synthetic-lt: seed of the subsampling / generation (default 0)")
+                     help="CIFAR-LT, synthetic-lt, folder: seed of the subsampling / generation / "
+                          "holdout draw (default 0)")
+    src.add_argument("--holdout", type=_holdout, metavar="F|N",
+                     help="folder: move a fraction F (0 < F < 1, e.g. 0.2) or N images (a whole "
+                          "number, e.g. 10) of each class into a test split, drawn from --seed")
     src.add_argument("--classes", type=int, metavar="K",
                      help="synthetic-lt: number of classes (default 10)")
     src.add_argument("--image-size", type=int, metavar="PX",
@@ -132,6 +143,22 @@ def _source_args(args) -> dict:
     return values
 
 
+def _holdout(text: str) -> float | int:
+    """--holdout: "0.2" is a fraction of each class, "10" a number of images per class."""
+    from pipeline.sources.folder import check_holdout
+
+    try:
+        value = int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a fraction (0.2) or a number of images "
+                                         f"per class (10)") from None
+    try:
+        check_holdout(value)
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -150,7 +177,7 @@ def _load_source(args):
         return load_inat2018(o["root"], o["lists"])
     if args.kind == "folder":
         from pipeline.sources.folder import load_folder
-        return load_folder(o["root"])
+        return load_folder(o["root"], o["holdout"], o["seed"])
     from pipeline.sources.synthetic import make_synthetic_lt
     return make_synthetic_lt(num_classes=o["classes"], image_size=o["image_size"],
                              imbalance=o["imbalance"], max_per_class=o["max_per_class"],
@@ -170,6 +197,11 @@ def _convert(args) -> int:
          m["reencoded"], m["formats"])
         for split, m in meta["splits"].items()],
         ("split", "samples", "classes", "shards", "size", "skipped", "to RGB", "re-encoded", "formats"))
+    if args.kind == "folder" and set(meta["splits"]) == {"train"}:
+        print(f"note: {args.out} has a train split only, so there is nothing to evaluate on. Convert "
+              f"again into a new --out with --holdout 0.2 (a fifth of each class) or --holdout N (N "
+              f"images per class) to draw a test split, or lay the images out as ROOT/train/<class>/ "
+              f"and ROOT/test/<class>/.")
     return 0
 
 

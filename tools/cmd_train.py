@@ -18,9 +18,17 @@ examples:
   iccl stage2 --from runs/iccl --out runs/iccl-lws --set stage2=lws         # ... from an existing stage 1
   iccl train --preset cifar10-lt --data D --out runs/s --seeds 0,1,2   # mean ± std over seeds
   torchrun --nproc_per_node 8 -m tools.cli train --preset imagenet-lt --data D --out runs/in
+  iccl train --preset photos --data data/photos --out runs/photos --set pretrained=resnet50.pth
+  iccl train --preset photos --data data/photos --out runs/cpu --epochs 10 --set arch=resnet18
+      --set image_size=96 --set eval_resize=112          # (one line) sized for a 2-core CPU
 
 Presets carry the paper's recipes (ResNet-32 / ResNeXt-50 / ResNet-50, epochs, schedule, batch,
-lr, weight decay, augmentation, T_w, stage 2). The learning rate scales linearly with --batch-size
+lr, weight decay, augmentation, T_w, stage 2); `photos` is for your own image folders.
+Backbones (--set arch=...): resnet32; torchvision's resnet18/34/50/101/152, resnext50_32x4d,
+resnext101_32x8d, resnext101_64x4d, wide_resnet50_2, wide_resnet101_2; or timm:NAME for any timm
+model (e.g. timm:convnext_tiny). --set pretrained=FILE loads a local .pth / .safetensors file into
+the encoder (never the classifier); nothing is downloaded.
+The learning rate scales linearly with --batch-size
 (the preset's lr is for its own batch size). Any setting can be changed with --set KEY=VALUE
 (repeatable); `iccl train --list-settings` shows them all with their values and what each may be
 (add --preset NAME for another preset's values; the default lists synthetic-lt). Every setting is

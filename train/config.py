@@ -20,7 +20,8 @@ class Config:
     method: str = "iccl"           # "iccl", or "ce": plain cross-entropy, then cRT in stage 2
     seed: int = 0
     # model
-    arch: str = "resnet32"
+    arch: str = "resnet32"           # resnet32, a torchvision ResNet name, or timm:NAME (model.backbones)
+    pretrained: str = ""             # a local weights file for the encoder (.pth / .safetensors); "" = none
     proj_dim: int = 64
     proj_hidden: int | None = None  # None: the encoder's feature dimension
     # data
@@ -134,6 +135,15 @@ PRESETS: dict[str, dict] = {
         mean=_IMAGENET_MEAN, std=_IMAGENET_STD, epochs=90, batch_size=512, lr=0.2, lr_ref_batch=512,
         weight_decay=1e-4, schedule="cosine", lr_warmup_epochs=0, warmup_epochs=45,
         s2_epochs=10, s2_lr=0.2, s2_finetune_encoder=False, eval_split="val", workers=8),
+    # Your own photographs (`iccl convert folder --holdout`): a few thousand images, ImageNet-style.
+    # Stage 1 is shorter than ImageNet's 90 epochs because each epoch is a few dozen steps; T_w is
+    # half of it as in the paper's recipes. For a 2-core CPU, README gives the smaller settings
+    # (arch=resnet18, image_size=96, eval_resize=112, --epochs 10).
+    "photos": dict(
+        arch="resnet50", proj_dim=128, augment="rrc", image_size=224, eval_resize=256, jitter=0.4,
+        mean=_IMAGENET_MEAN, std=_IMAGENET_STD, epochs=60, batch_size=64, lr=0.1, lr_ref_batch=256,
+        weight_decay=5e-4, schedule="cosine", lr_warmup_epochs=0, warmup_epochs=30, w_u_after_warmup=1.0,
+        s2_epochs=10, s2_lr=0.1, s2_finetune_encoder=False),
     # The embedded demo: ~3 minutes on 2 CPU cores; the CIFAR recipe's shape at 30 epochs. Its few
     # classes have 5-13 images, so stage 2 keeps the encoder frozen (fine-tuning it on a reverse-
     # sampled batch of so few images over-fits them).
@@ -244,7 +254,7 @@ def allowed(key: str) -> str:
         return "auto, cpu, cuda or cuda:N"  # as pipeline.device.pick_device takes them
     if key == "arch":
         from model.network import ARCHITECTURES
-        return "one of " + ", ".join(ARCHITECTURES)
+        return "one of " + ", ".join(ARCHITECTURES) + ", or timm:NAME (any timm model)"
     if key in TEXT_SETTINGS:
         return TEXT_SETTINGS[key]
     if key in RANGES:

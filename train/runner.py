@@ -21,6 +21,7 @@ import torch
 
 from model.centroids import CentroidBank
 from model.network import ICCLNet, build_network
+from model.pretrained import load_pretrained
 from pipeline.atomic import write_json
 from pipeline.errors import DataError
 from train import checkpoint
@@ -56,7 +57,31 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
 
 def new_network(cfg: Config, num_classes: int) -> ICCLNet:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    return build_network(cfg.arch, num_classes, cfg.proj_dim, cfg.proj_hidden)
+    try:
+        return build_network(cfg.arch, num_classes, cfg.proj_dim, cfg.proj_hidden)
+    except ValueError as e:
+        raise DataError(f"--set arch={cfg.arch}: {e}") from None
+
+
+def start_from_pretrained(ctx: Context, net: ICCLNet) -> dict:
+    """Load `cfg.pretrained` into the encoder of a new run; say and log what fitted.
+
+    Returns the record of `model.pretrained.load_pretrained` (also in report.json and metrics.jsonl).
+    """
+    try:
+        record = load_pretrained(net.encoder, ctx.cfg.pretrained)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    ctx.say(f"pretrained: {record['loaded']} encoder tensors loaded from {record['path']}; "
+            f"missing {len(record['missing'])}{_first(record['missing'])}, "
+            f"unexpected {len(record['unexpected'])}{_first(record['unexpected'])} (not loaded: the "
+            f"classifier always starts fresh)")
+    ctx.metrics.write(stage="stage1", event="pretrained", **record)
+    return record
+
+
+def _first(keys: list[str], n: int = 4) -> str:
+    return f" ({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})" if keys else ""
 
 
 def prepare(net: ICCLNet, ctx: Context) -> ICCLNet:
@@ -136,7 +161,10 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
                 ctx.metrics.write(stage=stage.name, event="eval", epoch=epoch, **_short(result))
         return on_epoch_end
 
-    net = prepare(new_network(cfg, ctx.num_classes), ctx)
+    net = new_network(cfg, ctx.num_classes)
+    if cfg.pretrained and "net" not in state:  # a new run; a resumed one has its own weights
+        report["pretrained"] = start_from_pretrained(ctx, net)
+    net = prepare(net, ctx)
     if state["stage"] == 1:
         bank = CentroidBank(ctx.num_classes, cfg.proj_dim, cfg.centroid_momentum).to(ctx.device)
         stage = Stage1(ctx, net, bank)
