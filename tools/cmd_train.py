@@ -44,7 +44,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, help="seed of initialisation, sampling, augmentation (default 0)")
     p.add_argument("--seeds", help="comma-separated seeds: one run per seed in OUT/seed-S, then mean ± std")
     p.add_argument("--loader", choices=("auto", "resident", "dali", "ffcv", "reference"),
-                   help="data loader (auto: resident for small fixed-size images, else DALI)")
+                   help="data loader. auto: resident when the decoded images fit in memory; else on a "
+                        "CPU ffcv when the split has a .beton, dali for images up to 64 px, else "
+                        "reference (DALI's CPU resize is slower than the reference on photographs); "
+                        "on a GPU dali")
     p.add_argument("--workers", type=int, help="decode threads / worker processes per process")
     p.add_argument("--device", help="auto (default), cpu, cuda")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
