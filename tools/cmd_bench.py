@@ -52,6 +52,8 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
     _register_pipeline(sub)
     _register_train(sub)
+    from tools import cmd_bench_scale  # lt-trees, convert, scale: the real dataset sizes
+    cmd_bench_scale.register(sub)
 
     def show_help(_args) -> int:
         p.print_help()

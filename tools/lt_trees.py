@@ -218,6 +218,8 @@ def make_tree(kind: str, out: Path, *, scale: float = 1.0, counts_file: Optional
         raise DataError("--json applies to inat2018 only (ImageNet-LT comes with list files)")
     out = Path(out)
     counts = load_counts(kind, counts_file)
+    if lists_dir is None and counts_file is not None:
+        lists_dir = Path(counts_file).parent  # the real lists usually sit beside the counts
     request = {"kind": kind, "scale": scale, "json": json_annotations, "quality": quality, "seed": seed,
                "counts_sha256": hashlib.sha256(counts.tobytes()).hexdigest()}
     done = out / DONE_FILE
