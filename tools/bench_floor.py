@@ -12,8 +12,9 @@ for PNG), then the same augmentation the loaders apply, with OpenCV on uint8 and
 then a copy into the step's batch array, as a loader must deliver one. `workers` processes share
 the images, each with one OpenCV thread. OpenCV is used because it is the fastest widely used
 CPU image library; this is a measurement, not a loader (no ordering, no two streams, no device
-transfer), so every real loader is slower, and its fraction of this rate says how much of its
-time goes to its own machinery.
+transfer), so a loader's fraction of this rate says how much of its time goes to its own
+machinery. Only a loader that decodes less than the whole image (region-of-interest decoding of
+the crop) could exceed it.
 """
 from __future__ import annotations
 
