@@ -101,3 +101,15 @@ def test_bench_scale_end_to_end_and_resumes(tmp_path, counts, capsys):
     other = list(args)
     other[other.index("--scale") + 1] = "0.5"
     assert main(other) == 2  # another scale into the same folder: refused
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: ~10 s here
+def test_first_batch_in_a_fresh_process(tmp_path):
+    from helpers import make_converted, smooth_images
+    from tools.bench_scale import first_batch_in_fresh_process
+
+    root = make_converted(tmp_path / "d", {"train": (smooth_images(24, 60, 80, seed=0), np.arange(24) % 3)},
+                          3, ext="jpg")
+    r = first_batch_in_fresh_process(str(root), "reference", 4, 1)
+    assert r["loader"] == "reference" and r["first_batch_s"] > 0 and len(r["worker_rss_bytes"]) == 1
+    assert "unknown" in first_batch_in_fresh_process(str(root), "nope", 4, 1)["skipped"]

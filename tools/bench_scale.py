@@ -29,8 +29,6 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -106,9 +104,16 @@ def first_batch(data: str, loader: str, batch_size: int, workers: int) -> dict:
     return out
 
 
-def _in_fresh_process(fn: Callable, *args):
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as ex:
-        return ex.submit(fn, *args).result()
+def first_batch_in_fresh_process(data: str, loader: str, batch_size: int, workers: int) -> dict:
+    """`first_batch` in a new interpreter (`python -m tools.bench_scale`), so that each loader's
+    memory is its own; its stderr (loader warnings, worker shutdown messages) is kept out of
+    the terminal and returned only when it fails."""
+    cmd = [sys.executable, "-m", "tools.bench_scale", data, loader, str(batch_size), str(workers)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return {"loader": loader, "skipped": f"failed ({proc.returncode}): {proc.stderr.strip()[-1000:]}"}
+    return json.loads(lines[-1])
 
 
 # --- samplers and evaluation ---------------------------------------------------------------------
@@ -221,7 +226,7 @@ def run(work: Path, *, scale: float = 1.0, datasets=DATASETS, skip=(), ffcv: boo
         step("bench-convert", lambda: _bench_convert(kind, tree, base / "bench-convert", workers))
         step("info", lambda: timed_command(_cli("info", str(data), "--json")))
         step("verify", lambda: timed_command(_cli("verify", str(data), "--workers", str(workers))))
-        step("first-batch", lambda: {ld: _in_fresh_process(first_batch, str(data), ld, 128, workers)
+        step("first-batch", lambda: {ld: first_batch_in_fresh_process(str(data), ld, 128, workers)
                                      for ld in LOADERS})
         counts = load_counts(kind, counts_file)
 
@@ -293,3 +298,7 @@ def table_rows(report: dict) -> list[tuple[str, str, str]]:
             rows.append((kind, f"evaluate ({e['samples']:,} x {e['classes']:,} logits)",
                          f"{e['evaluate_s']:.2f} s; many/medium/few summary {e['summarize_ms']:.1f} ms"))
     return rows
+
+
+if __name__ == "__main__":  # one first-batch measurement: DATA LOADER BATCH WORKERS -> JSON line
+    print(json.dumps(first_batch(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
