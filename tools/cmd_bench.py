@@ -23,7 +23,7 @@ steps are not timed. Also the decode-only ceiling of this machine's CPU cores: t
 decoded, without augmentation, by the fastest decoder for their format (simplejpeg for JPEG,
 Pillow for PNG) in --workers processes, and by DALI's CPU decoder for comparison. No loader can
 reach that ceiling, since every loader must also crop, resize, flip and jitter: the floor is that
-unavoidable work done as cheaply as possible, decode (simplejpeg) + the same augmentation with
+unavoidable work done plainly with the fastest tools here, decode (simplejpeg) + the same augmentation with
 OpenCV on uint8 (one resize of the crop, a flip, jitter as histogram + LUT + grey blend), in
 --workers processes, no framework. The table gives images/s, the ratio to the reference loader
 (DataLoader + Pillow), and the fractions of the decode ceiling and of the floor.
