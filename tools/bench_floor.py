@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Optional
 
@@ -62,6 +63,8 @@ def _chunk(root: str, split_name: str, idx: np.ndarray, spec: AugmentSpec, seed:
     from pipeline.augment import draw_params
 
     global _split
+    if len(idx) == 0:
+        return 0
     if _split is None or _split.root != Path(root) or _split.split != split_name:
         _split = ShardedSplit(root, split_name)
         cv2.setNumThreads(1)
@@ -92,15 +95,34 @@ def _chunk(root: str, split_name: str, idx: np.ndarray, spec: AugmentSpec, seed:
     return len(idx)
 
 
+_barrier = None
+
+
+def _init(barrier) -> None:
+    global _barrier
+    _barrier = barrier
+
+
+def _warm(root: str, split_name: str, idx: np.ndarray, spec: AugmentSpec) -> int:
+    """A first chunk (imports, maps, caches), then wait for every other worker to be warm too:
+    each of the pool's processes takes exactly one of these."""
+    n = _chunk(root, split_name, idx, spec, seed=0)
+    _barrier.wait(timeout=600)
+    return n
+
+
 def floor_rate(split: ShardedSplit, idx: np.ndarray, spec: AugmentSpec, workers: int,
                chunk: int = 64) -> float:
-    """Images per second of decode + `spec` over samples `idx` in `workers` processes; process
-    start-up and a first chunk per worker are outside the clock."""
+    """Images per second of decode + `spec` over samples `idx` in `workers` spawned processes;
+    process start-up and a first chunk in every worker are outside the clock."""
     chunks = np.array_split(idx, max(1, len(idx) // chunk))
     roots, names = [str(split.root)] * len(chunks), [split.split] * len(chunks)
-    with ProcessPoolExecutor(workers) as pool:
+    # spawn, not fork: the caller may already run threads (DALI's, numba's, torch's) that a
+    # forked child would inherit in a broken state; start-up is outside the clock anyway
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(ctx.Barrier(workers),)) as pool:
         warm = np.array_split(idx[:chunk * workers], workers)
-        list(pool.map(_chunk, roots[:workers], names[:workers], warm, [spec] * workers, range(workers)))
+        list(pool.map(_warm, [str(split.root)] * workers, [split.split] * workers, warm, [spec] * workers))
         t0 = time.perf_counter()
         n = sum(pool.map(_chunk, roots, names, chunks, [spec] * len(chunks), range(len(chunks))))
         return n / (time.perf_counter() - t0)

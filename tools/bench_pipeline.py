@@ -193,9 +193,9 @@ def run(data: str | os.PathLike, split: str = "train", loaders: tuple[str, ...] 
     # Forking (the ceiling's process pool, the reference loader's workers) comes first, while
     # no other loader has started threads (numba's, DALI's) that a fork would leave broken.
     num_images = min(2 * batch_size * steps, 4 * len(ds))
-    rates = decode_ceiling(ds, num_images, workers, batch_size, repeats)
     say("bench pipeline: measuring the floor (decode + augmentation with OpenCV)")
     floor = max(floor_rate(ds, np.arange(num_images) % len(ds), spec, workers) for _ in range(repeats))
+    rates = decode_ceiling(ds, num_images, workers, batch_size, repeats)
     order = sorted(loaders, key=lambda name: name != "reference")
     measured = {name: measure_loader(ds, name, spec, batch_size, steps, warmup, workers, dev, repeats)
                 for name in order}
