@@ -12,8 +12,8 @@ from tools.cli import main
 
 pytest.importorskip("nvidia.dali")
 
-RESULT_KEYS = {"loader", "images_per_s", "ratio_to_reference", "fraction_of_decode_ceiling", "steps",
-               "batch_size"}
+RESULT_KEYS = {"loader", "images_per_s", "ratio_to_reference", "fraction_of_decode_ceiling",
+               "fraction_of_floor", "steps", "batch_size"}
 
 
 def check_report(report: dict, loaders: list[str], steps: int, batch: int) -> dict:
@@ -27,6 +27,7 @@ def check_report(report: dict, loaders: list[str], steps: int, batch: int) -> di
     assert rows["reference"]["ratio_to_reference"] == pytest.approx(1.0)
     assert report["decode_ceiling_images_per_s"] == max(report["decoders"].values())
     assert report["decoder"] in report["decoders"]
+    assert report["floor_images_per_s"] > 0
     assert set(report["machine"]) == {"cpu_count", "torch", "cuda_device"}
     return rows
 
@@ -42,7 +43,7 @@ def test_bench_pipeline_writes_the_report(tmp_path, capsys):
     assert rows["ffcv"]["images_per_s"] is None and "beton" in rows["ffcv"]["skipped"]
     assert report["augment"]["kind"] == "pad_crop" and report["decoders"].keys() == {"pillow", "dali-cpu"}
     table = capsys.readouterr().out
-    assert "decode-only ceiling" in table and "skipped" in table
+    assert "decode-only ceiling" in table and "floor" in table and "skipped" in table
 
 
 def test_bench_pipeline_needs_data(capsys):

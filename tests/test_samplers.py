@@ -220,3 +220,77 @@ def test_eval_indices_cover_once(n, world_size):
     parts = [eval_indices(n, r, world_size) for r in range(world_size)]
     np.testing.assert_array_equal(np.concatenate(parts), np.arange(n))
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+# --- past one machine: world sizes 8, 64, 512 (sampler arithmetic only, no processes) ------------
+def _zipf_labels(num_classes: int, total: int, seed: int) -> np.ndarray:
+    """A long-tailed label array over `num_classes` classes (every class at least one image)."""
+    w = 1.0 / np.arange(1, num_classes + 1)
+    counts = np.maximum(1, np.floor(total * w / w.sum())).astype(int)
+    return np.random.default_rng(seed).permutation(np.repeat(np.arange(num_classes), counts))
+
+
+@pytest.mark.parametrize("world_size", [8, 64, 512])
+def test_world_sizes_uniform(world_size):
+    """Rank slices of every step: equal in size, pairwise disjoint, and in rank order exactly the
+    one-process global batch; over an epoch no sample is read twice by any two ranks."""
+    n, batch = 20_011, 2048
+    single = UniformSampler(n, batch, seed=3)
+    ranks = [UniformSampler(n, batch, seed=3, rank=r, world_size=world_size) for r in range(world_size)]
+    for step in (0, 1, single.steps_per_epoch - 1):
+        parts = [r.batch(2, step) for r in ranks]
+        assert {len(p) for p in parts} == {batch // world_size}
+        np.testing.assert_array_equal(np.concatenate(parts), single.batch(2, step))
+    epoch = np.concatenate([b for r in ranks for b in r.epoch_batches(2)])
+    assert len(epoch) == single.steps_per_epoch * batch == len(np.unique(epoch))
+
+
+@pytest.mark.parametrize("world_size", [8, 64, 512])
+def test_world_sizes_class_aware(world_size):
+    """8,142 classes: the rank slices are equal in size, occupy disjoint slots of the global batch
+    (draws are with replacement, so two slots may hold the same image whatever the world size),
+    and in rank order are exactly the one-process draw."""
+    labels = _zipf_labels(8142, 30_000, seed=1)
+    batch = 1024
+    single = ClassAwareSampler(labels, 0.0, batch, seed=5, steps_per_epoch=50)
+    ranks = [ClassAwareSampler(labels, 0.0, batch, seed=5, rank=r, world_size=world_size,
+                               steps_per_epoch=50) for r in range(world_size)]
+    for epoch, step in ((0, 0), (3, 49)):
+        parts = [r.batch(epoch, step) for r in ranks]
+        assert {len(p) for p in parts} == {batch // world_size}
+        np.testing.assert_array_equal(np.concatenate(parts), single.batch(epoch, step))
+
+
+def test_world_size_512_needs_a_divisible_batch():
+    with pytest.raises(ValueError, match="multiple"):
+        UniformSampler(100_000, 1000, seed=0, rank=0, world_size=512)
+
+
+# --- per-step cost does not grow with the dataset --------------------------------------------------
+def _step_alloc_bytes(sampler, epoch: int, step: int) -> int:
+    """Peak bytes numpy allocates while drawing one step (numpy reports to tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        sampler.batch(epoch, step)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_per_step_work_independent_of_dataset_size():
+    """Memory touched by one step's draw, at 8,142 classes, for a dataset 1x and 20x as large:
+    it depends on the batch (and the class count), not on the number of samples."""
+    batch, sizes = 512, (20_000, 400_000)
+    peaks = {}
+    for n in sizes:
+        labels = _zipf_labels(8142, n, seed=2)
+        aware = ClassAwareSampler(labels, 0.0, batch, seed=0, steps_per_epoch=10)
+        uni = UniformSampler(len(labels), batch, seed=0)
+        uni.batch(0, 0)  # the epoch's permutation: once per epoch, not per step
+        peaks[n] = (_step_alloc_bytes(aware, 0, 1), _step_alloc_bytes(uni, 0, 1))
+    small, large = peaks[sizes[0]], peaks[sizes[1]]
+    for a, b in zip(small, large):
+        assert b <= 1.5 * a + 4096, peaks
+    assert max(large) < 64 * batch * 8, peaks  # a few arrays of the batch, nowhere near 400k x 8 bytes

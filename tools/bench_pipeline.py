@@ -9,7 +9,11 @@ and as many torch threads):
     (reported as setup time); CUDA is synchronised before the clock is read.
   - the decode-only ceiling: the same images decoded with no augmentation by the fastest decoder
     for their format (simplejpeg for JPEG, Pillow for PNG) in `workers` processes, and by DALI's
-    CPU decoder with `workers` threads for comparison; the faster is the ceiling.
+    CPU decoder with `workers` threads for comparison; the faster is the ceiling. No loader can
+    reach it: every loader must also crop, resize, flip and jitter.
+  - the floor: that unavoidable work, decode + the same augmentation with simplejpeg and OpenCV in
+    `workers` processes, no framework (tools/bench_floor.py). A loader's fraction of the floor
+    says how much of its time goes to its own machinery.
 With `repeats` > 1 every measurement is taken that many times and the best kept: on a machine
 shared with other work, the least disturbed window. Loaders that cannot run on the data (resident
 on images of different sizes, ffcv without a .beton, a package not installed) are reported as
@@ -34,6 +38,7 @@ from pipeline.loaders import LOADERS, make_train_loader
 from pipeline.loaders.base import AugmentSpec
 from pipeline.loaders.resident import stored_size
 from pipeline.progress import count, progress, say
+from tools.bench_floor import floor_rate
 
 SMALL_IMAGE = 64  # images up to this side are trained with pad_crop (CIFAR), larger with rrc
 
@@ -218,8 +223,10 @@ def run(data: str | os.PathLike, split: str = "train", loaders: tuple[str, ...] 
     spec = auto_augment(ds, augment, size, jitter)
     # Forking (the ceiling's process pool, the reference loader's workers) comes first, while
     # no other loader has started threads (numba's, DALI's) that a fork would leave broken.
-    rates, undecodable = decode_ceiling(ds, min(2 * batch_size * steps, 4 * len(ds)), workers,
-                                        batch_size, repeats)
+    num_images = min(2 * batch_size * steps, 4 * len(ds))
+    say("bench pipeline: measuring the floor (decode + augmentation with OpenCV)")
+    floor = max(floor_rate(ds, np.arange(num_images) % len(ds), spec, workers) for _ in range(repeats))
+    rates, undecodable = decode_ceiling(ds, num_images, workers, batch_size, repeats)
     order = sorted(loaders, key=lambda name: name != "reference")
     measured = {name: measure_loader(ds, name, spec, batch_size, steps, warmup, workers, dev, repeats)
                 for name in order}
@@ -230,8 +237,10 @@ def run(data: str | os.PathLike, split: str = "train", loaders: tuple[str, ...] 
         x = r["images_per_s"]
         r["ratio_to_reference"] = x / reference if x and reference else None
         r["fraction_of_decode_ceiling"] = x / ceiling if x else None
+        r["fraction_of_floor"] = x / floor if x else None
     return {
         "results": results, "decode_ceiling_images_per_s": ceiling, "decoder": decoder,
+        "floor_images_per_s": floor,
         "decoders": rates, "undecodable_samples": undecodable, "data": str(data), "split": split, "num_samples": len(ds),
         "augment": {"kind": spec.kind, "size": spec.size, "pad": spec.pad, "jitter": spec.jitter,
                     "flip": spec.flip},

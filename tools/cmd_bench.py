@@ -22,8 +22,12 @@ steps are not timed. Also the decode-only ceiling of this machine's CPU cores: t
 decoded, without augmentation, by the decoders training uses for their format (simplejpeg for
 JPEG, Pillow for PNG) in --workers processes, and by DALI's CPU decoder with --workers threads
 (when installed): the ceiling is the faster of the two, named under the table with both rates.
-Samples that do not decode are counted, reported and left out of the ceiling. The table gives images/s,
-the ratio to the reference loader (DataLoader + Pillow) and the fraction of the decode ceiling.
+Samples that do not decode are counted, reported and left out of the ceiling. No loader can
+reach that ceiling, since every loader must also crop, resize, flip and jitter: the floor is that
+unavoidable work done plainly with the fastest tools here, decode (simplejpeg) + the same augmentation with
+OpenCV on uint8 (one resize of the crop, a flip, jitter as histogram + LUT + grey blend), in
+--workers processes, no framework. The table gives images/s, the ratio to the reference loader
+(DataLoader + Pillow), and the fractions of the decode ceiling and of the floor.
 Loaders that cannot run on the data (resident on images of different sizes, ffcv without a
 .beton, a package not installed) are listed as skipped, with the reason."""
 
@@ -53,6 +57,8 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="bench_command", metavar="WHAT")
     _register_pipeline(sub)
     _register_train(sub)
+    from tools import cmd_bench_scale  # lt-trees, convert, scale: the real dataset sizes
+    cmd_bench_scale.register(sub)
 
     def show_help(_args) -> int:
         p.print_help()
@@ -134,22 +140,26 @@ def _print_pipeline(report: dict) -> None:
     table = Table(title=f"two-stream loading, {report['num_samples']} images of {report['data']}: "
                         f"{what} + flip, {report['workers']} workers, {report['device']}")
     for name, justify in (("loader", "left"), ("images/s", "right"), ("x reference", "right"),
-                          ("of decode ceiling", "right"), ("setup s", "right"), ("note", "left")):
+                          ("of decode ceiling", "right"), ("of floor", "right"), ("setup s", "right"),
+                          ("note", "left")):
         table.add_column(name, justify=justify)
     skipped = []
     for r in report["results"]:
         if r["images_per_s"] is None:
             skipped.append(f"{r['loader']}: {r['skipped']}")
-            table.add_row(r["loader"], "-", "-", "-", "-", "skipped (below)")
+            table.add_row(r["loader"], "-", "-", "-", "-", "-", "skipped (below)")
             continue
         ratio = r["ratio_to_reference"]
         table.add_row(r["loader"], f"{r['images_per_s']:,.0f}", f"{ratio:.2f}" if ratio else "-",
-                      f"{100 * r['fraction_of_decode_ceiling']:.0f}%", f"{r['setup_s']:.1f}", "")
+                      f"{100 * r['fraction_of_decode_ceiling']:.0f}%",
+                      f"{100 * r['fraction_of_floor']:.0f}%", f"{r['setup_s']:.1f}", "")
     decoders = ", ".join(f"{k} {v:,.0f}/s" for k, v in report["decoders"].items())
     console = Console()
     console.print(table)
     console.print(f"decode-only ceiling: {report['decode_ceiling_images_per_s']:,.0f} images/s "
                   f"({report['decoder']}; measured: {decoders})", highlight=False)
+    console.print(f"floor (decode + the same augmentation, simplejpeg + OpenCV): "
+                  f"{report['floor_images_per_s']:,.0f} images/s", highlight=False)
     for line in skipped:
         console.print(f"skipped {line}", highlight=False)
 

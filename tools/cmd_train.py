@@ -64,9 +64,10 @@ def register(sub) -> None:
     p.add_argument("--seeds", help="comma-separated seeds (whole numbers >= 0, each once): one run per "
                                    "seed in OUT/seed-S, then mean ± std; replaces --seed")
     p.add_argument("--loader", choices=LOADER_CHOICES,
-                   help="data loader (auto: resident when the decoded images fit in memory; else ffcv "
-                        "on a CPU when the split has a .beton; else dali when installed; else "
-                        "reference)")
+                   help="data loader. auto: resident when the decoded images fit in memory; else on a "
+                        "CPU ffcv when the split has a .beton, dali for images up to 64 px, else "
+                        "reference (DALI's CPU resize is slower than the reference on photographs); "
+                        "on a GPU dali")
     p.add_argument("--workers", type=int, help="decode threads / worker processes per process (>= 0; "
                                                "0: the reference loader decodes in this process)")
     p.add_argument("--device", help="auto (default), cpu, cuda")

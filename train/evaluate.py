@@ -27,13 +27,18 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable,
 
 
 def summarize(correct: torch.Tensor, total: torch.Tensor, groups: dict[str, list[int]]) -> dict:
+    """`correct`, `total`: (num_classes,) float64 per-class counts -> {"top1", "num_samples", one
+    entry per group (percent; None when no class of the group has test samples), "per_class"
+    (percent, None for classes without test samples)}. Vectorised: a few tensor ops whatever the
+    number of classes (iNaturalist 2018 has 8,142), no Python loop over classes."""
     present = total > 0
     per_class = torch.where(present, correct / total.clamp(min=1), torch.full_like(total, float("nan")))
     out = {"top1": 100.0 * float(correct.sum() / total.sum().clamp(min=1)),
            "num_samples": int(total.sum())}
     for name, ids in groups.items():
-        ids = [k for k in ids if present[k]]
-        out[name] = 100.0 * float(per_class[ids].mean()) if ids else None
-    out["per_class"] = [None if not p else round(100.0 * float(a), 4)
-                        for a, p in zip(per_class, present.tolist())]
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        ids = ids[present[ids]]
+        out[name] = 100.0 * float(per_class[ids].mean()) if len(ids) else None
+    rounded = (100.0 * per_class).round(decimals=4).tolist()  # NaN where absent
+    out["per_class"] = [a if p else None for a, p in zip(rounded, present.tolist())]
     return out

@@ -77,14 +77,36 @@ def _beton_path(split: ShardedSplit):
     return split.root / f"{split.split}.beton"
 
 
+# Largest stored side (px) at which DALI's CPU path beats the reference loader. Measured on this
+# project's 2-core machine: 1.53x the reference on 32-px CIFAR PNGs, but 0.82-0.87x on ImageNet-size
+# JPEG photographs, where its CPU resize to 224 dominates (README, Throughput).
+DALI_CPU_MAX_SIDE = 64
+_PROBE = 16  # images whose headers decide what the data is (the bench's auto augmentation does the same)
+
+
+def _largest_side(split: ShardedSplit) -> Optional[int]:
+    """The longest side among the first readable headers of `split` (no decoding); None if none read."""
+    from pipeline.loaders.resident import stored_size
+
+    sizes = [s for s in (stored_size(split, i) for i in range(min(len(split), _PROBE))) if s]
+    return max(max(s) for s in sizes) if sizes else None
+
+
 def choose_loader(split: ShardedSplit, augment: Optional[AugmentSpec], device, *,
                   eval_spec: Optional[EvalSpec] = None, world_size: int = 1) -> str:
-    """The loader "auto" means: resident when the decoded pixels fit the device's budget (for
-    training: every image shares one size; for evaluation, `augment` None, any sizes, since the
-    resident eval loader stores transformed `eval_spec.size` images of one rank's shard); else, on
-    a CPU with the split's `.beton` present (`iccl convert --ffcv`), FFCV (measured ~1.7x the
-    reference loader on ImageNet-size JPEGs, where DALI's CPU resize is no faster than Pillow);
-    else DALI when installed (on a GPU it decodes there); else the reference loader."""
+    """The loader "auto" means. It never picks a loader measured slower than the reference loader
+    for data of this kind on this kind of device:
+
+    1. resident, when the decoded pixels fit the device's budget (training: every image shares one
+       size; evaluation, `augment` None: any sizes, since the resident eval loader stores
+       transformed `eval_spec.size` images of one rank's shard);
+    2. on a CPU: ffcv when the split's `.beton` exists (`iccl convert --ffcv`; ~1.7-2.4x the
+       reference on photographs); else dali when installed and the stored images are small (at most
+       DALI_CPU_MAX_SIDE px: 1.53x the reference on CIFAR); else reference (on JPEG photographs DALI's
+       CPU resize makes it 0.82-0.87x the reference);
+    3. on a GPU: dali when installed (nvJPEG decoding and CUDA resizing); else reference.
+
+    Reads at most 16 image headers (and, for resident, see `resident.common_size`)."""
     import torch
 
     from pipeline.loaders import resident  # light: no optional dependencies
@@ -99,8 +121,12 @@ def choose_loader(split: ShardedSplit, augment: Optional[AugmentSpec], device, *
         fits = -(-len(split) // world_size) * spec.size * spec.size * 3 <= budget
     if fits:
         return "resident"
-    if torch.device(device).type == "cpu" and _beton_path(split).is_file():
-        return "ffcv"
+    if torch.device(device).type == "cpu":
+        if _beton_path(split).is_file():
+            return "ffcv"
+        side = _largest_side(split)
+        small = side is not None and side <= DALI_CPU_MAX_SIDE
+        return "dali" if small and _dali_importable() else "reference"
     return "dali" if _dali_importable() else "reference"
 
 

@@ -12,6 +12,7 @@ batched loaders for the same (seed, epoch, step, rank).
 """
 from __future__ import annotations
 
+import gc
 import io
 from typing import Optional
 
@@ -199,9 +200,13 @@ class ReferenceLoader(TrainLoader):
         return _to_device(t, self.device) if t.dim() == 4 else t.to(self.device, non_blocking=True)
 
     def close(self) -> None:
-        # The persistent workers belong to the DataLoader's iterator; dropping the DataLoader
-        # (its only reference) shuts them down.
-        self._loader = None
+        # The persistent workers belong to the DataLoader's iterator, which refers back to the
+        # DataLoader: dropping the DataLoader leaves the pair to the cycle collector, so collect
+        # now, stopping the workers here rather than at interpreter exit (where their shutdown
+        # fails noisily in a pool process).
+        if self._loader is not None:
+            self._loader = None
+            gc.collect()
 
 
 class _EvalChunks(Dataset):
