@@ -143,10 +143,11 @@ def _register_convert(sub) -> None:
 def _convert(args) -> int:
     from pipeline.atomic import write_json
     from tools.bench_convert import run
-    from tools.cmd_data import _load_source
+    from tools.cmd_data import SOURCE_OPTIONS, _load_source
 
-    args.source = args.imbalance = args.seed = args.classes = args.image_size = None
-    args.max_per_class = args.test_per_class = None
+    for name in {n for options in SOURCE_OPTIONS.values() for n in options}:  # the options not offered here
+        if not hasattr(args, name):
+            setattr(args, name, None)
     report = run(_load_source(args), args.work, workers=args.workers,
                  max_resolution=args.max_resolution, quality=args.quality, repeats=args.repeats)
     ours, ffcv = report["results"]

@@ -120,10 +120,6 @@ def train(cfg: Config, run_dir: Path, stage1_source: dict | None = None) -> dict
 
 def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
     cfg, run_dir = ctx.cfg, ctx.run_dir
-    if ctx.dist.is_main:
-        write_json(run_dir / "config.json", cfg.to_dict())
-        if stage1_source:
-            write_json(run_dir / STAGE1_SOURCE, stage1_source)
     ckpt_path = run_dir / "checkpoint.pt"
     source = stage1_source or read_stage1_source(run_dir)
     if ckpt_path.is_file():
@@ -133,6 +129,14 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
         state = {"stage": 2, "epoch": 0, "step": 0, "num_classes": saved["num_classes"], "net": saved["net"]}
     else:
         state = {"stage": 1, "epoch": 0, "step": 0}
+    net = new_network(cfg, ctx.num_classes)
+    # A new run's weights file is loaded before anything is written, so that a refused file can be
+    # replaced and the run started again into the same --out; a resumed run has its own weights.
+    pretrained = start_from_pretrained(ctx, net) if cfg.pretrained and "net" not in state else None
+    if ctx.dist.is_main:
+        write_json(run_dir / "config.json", cfg.to_dict())
+        if stage1_source:
+            write_json(run_dir / STAGE1_SOURCE, stage1_source)
     if "net" in state:
         _check_data(ctx, state)
         where = ("both stages are done" if state["stage"] == "done" else
@@ -161,9 +165,8 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
                 ctx.metrics.write(stage=stage.name, event="eval", epoch=epoch, **_short(result))
         return on_epoch_end
 
-    net = new_network(cfg, ctx.num_classes)
-    if cfg.pretrained and "net" not in state:  # a new run; a resumed one has its own weights
-        report["pretrained"] = start_from_pretrained(ctx, net)
+    if pretrained:
+        report["pretrained"] = pretrained
     net = prepare(net, ctx)
     if state["stage"] == 1:
         bank = CentroidBank(ctx.num_classes, cfg.proj_dim, cfg.centroid_momentum).to(ctx.device)
