@@ -6,11 +6,23 @@
     any other image file Pillow can read   -> RGB, baseline JPEG at `quality`
       (grayscale / CMYK / 12-bit / arithmetic-coded JPEG, GIF, BMP, TIFF, WebP, ...)
     PNG file                               -> RGB, PNG (lossless)
+    16-bit PNG or TIFF (grey, RGB, with or without alpha)
+                                           -> scaled to 8 bits, round(v * 255 / 65535), then
+                                              as above (PNG stays PNG); counted as converted
+    32-bit integer or float pixels         -> refused: they have no standard range to map to 8 bits
+    shorter side under MIN_SIDE pixels     -> refused (see below)
 
 When the longer side exceeds `max_side`, the image is shrunk to it and stored as baseline JPEG at
 `quality`, whatever it came as. The format is told by the file's first bytes, never by its name
-(ImageNet has PNGs named .JPEG). Stored JPEGs are baseline or progressive 3-channel files that
-libjpeg-turbo decodes without a warning, which is what every loader (simplejpeg, DALI, FFCV) takes.
+(ImageNet has PNGs named .JPEG). Alpha is dropped, not composited. Stored JPEGs are baseline or
+progressive 3-channel files that libjpeg-turbo decodes without a warning, which is what every
+loader (simplejpeg, DALI, FFCV) takes.
+
+Degenerate sizes are decided here, once, for every loader: an image whose stored shorter side
+would be under MIN_SIDE pixels (1x1, 1x40, 40x1, ..., or once shrunk to `max_side`) is a bad
+item, refused with its size (or left out with --on-error skip). A 1-pixel side leaves nothing to
+crop (FFCV's evaluation crop becomes 0 pixels and OpenCV's resize aborts the whole process), so
+stored images are never that small and no loader has to handle them.
 """
 from __future__ import annotations
 
@@ -18,12 +30,16 @@ import io
 import os
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image
 
 from pipeline.codecs import encode_jpeg, encode_png
 
+# The smallest side a stored image may have. FFCV's evaluation crop is int(size / resize x the
+# shorter side) pixels, so 8 keeps it at least 1 pixel for any resize up to 8x the crop size.
+MIN_SIDE = 8
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -45,7 +61,7 @@ class BadItem(Exception):
 class Encoded:
     data: bytes
     ext: str                # 'jpg' | 'png'
-    converted_to_rgb: bool  # the source was grayscale, palette, CMYK, with alpha, ...
+    converted_to_rgb: bool  # the source was grayscale, palette, CMYK, with alpha, 16-bit, ...
     reencoded: bool         # stored as a new lossy JPEG instead of the source's own bytes
 
 
@@ -60,7 +76,7 @@ def _from_array(pixels: np.ndarray, max_side: int | None, quality: int) -> Encod
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise BadItem(f"array of shape {pixels.shape} and dtype {pixels.dtype}, "
                       f"expected (H, W, 3) uint8 RGB")
-    target = fit_within(pixels.shape[1], pixels.shape[0], max_side)
+    target = stored_size(pixels.shape[1], pixels.shape[0], max_side)
     if target:
         return Encoded(encode_jpeg(_resize(Image.fromarray(pixels), target), quality), "jpg",
                        False, True)
@@ -86,7 +102,7 @@ def _from_file(path: str, max_side: int | None, quality: int) -> Encoded:
             if "extraneous bytes" not in str(e):
                 raise BadItem(f"corrupt or truncated JPEG ({e})") from None
         else:
-            target = fit_within(pixels.shape[1], pixels.shape[0], max_side)
+            target = stored_size(pixels.shape[1], pixels.shape[0], max_side)
             if not target:
                 return Encoded(data, "jpg", False, False)
             return Encoded(encode_jpeg(_resize(Image.fromarray(pixels), target), quality), "jpg",
@@ -97,16 +113,67 @@ def _from_file(path: str, max_side: int | None, quality: int) -> Encoded:
 def _decode_and_encode(data: bytes, is_png: bool, max_side: int | None, quality: int) -> Encoded:
     try:
         with Image.open(io.BytesIO(data)) as im:
-            converted = im.mode != "RGB"
-            rgb = im.convert("RGB")  # loads the pixels: Pillow raises on truncated data here
+            if im.mode in ("I", "F"):
+                raise BadItem(f"{'32-bit integer' if im.mode == 'I' else 'floating-point'} pixels "
+                              f"({im.format}): there is no standard range to map to 8 bits; save it "
+                              f"as an 8- or 16-bit image")
+            if _is_16_bit(im, data):
+                rgb, converted = Image.fromarray(_decode_16_bit(data)), True
+            else:
+                converted = im.mode != "RGB"
+                rgb = im.convert("RGB")  # loads the pixels: Pillow raises on truncated data here
+    except BadItem:
+        raise
     except Exception as e:  # any decoder failure means the file is damaged or not an image
         raise BadItem(f"not a readable image ({type(e).__name__}: {e})") from None
-    target = fit_within(rgb.width, rgb.height, max_side)
+    target = stored_size(rgb.width, rgb.height, max_side)
     if target:
         return Encoded(encode_jpeg(_resize(rgb, target), quality), "jpg", converted, True)
     if is_png:
         return Encoded(encode_png(np.asarray(rgb)), "png", converted, False)
     return Encoded(encode_jpeg(np.asarray(rgb), quality), "jpg", converted, True)
+
+
+def stored_size(width: int, height: int, max_side: int | None) -> tuple[int, int] | None:
+    """`fit_within`, and BadItem when the stored image's shorter side would be under MIN_SIDE
+    (see the module docstring)."""
+    target = fit_within(width, height, max_side)
+    if min(target or (width, height)) < MIN_SIDE:
+        shrunk = f", {target[0]}x{target[1]} once shrunk to --max-side {max_side}" if target else ""
+        raise BadItem(f"image of {width}x{height} pixels (width x height){shrunk}: a side under "
+                      f"{MIN_SIDE} pixels is too small to crop and resize; enlarge or remove it")
+    return target
+
+
+def _is_16_bit(im: Image.Image, data: bytes) -> bool:
+    """True for 16-bit samples, which Pillow's convert("RGB") clips (grey) or truncates (RGB)."""
+    if im.mode.startswith("I;16"):
+        return True
+    if im.format == "PNG":  # the bit depth is byte 24: signature, chunk length and type, W, H
+        return data.startswith(PNG_MAGIC) and len(data) > 24 and data[24] == 16
+    if im.format == "TIFF":
+        bits = im.tag_v2.get(258, (8,))
+        return max(bits if isinstance(bits, tuple) else (bits,)) == 16
+    return False
+
+
+def _decode_16_bit(data: bytes) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from a 16-bit PNG or TIFF: round(v * 255 / 65535), alpha dropped.
+
+    OpenCV decodes these at full precision (Pillow keeps only the high byte of 16-bit RGB).
+    """
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.dtype != np.uint16:
+        raise BadItem("a 16-bit image that OpenCV cannot decode as 16-bit")
+    pixels = scale_16_to_8(pixels)
+    if pixels.ndim == 2:
+        return np.repeat(pixels[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(pixels[:, :, 2::-1])  # BGR(A) -> RGB
+
+
+def scale_16_to_8(pixels: np.ndarray) -> np.ndarray:
+    """uint16 -> uint8 by round(v * 255 / 65535), in integers: no value is ever a tie."""
+    return ((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
 def _is_plain_jpeg(data: bytes) -> bool:

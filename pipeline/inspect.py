@@ -17,11 +17,12 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from pipeline.convert_items import MIN_SIDE
 from pipeline.convert_shard import file_sha256
 from pipeline.dataset import ShardedSplit
 from pipeline.errors import DataError
 from pipeline.format import (EXTS, INDEX_FILE, META_FILE, beton_name, read_meta, sample_key,
-                             shard_name, shot_groups)
+                             shard_ids, shard_name, shot_groups)
 from pipeline.progress import progress
 
 _MAX_PER_SHARD = 5  # problems listed per shard before "... and N more"
@@ -37,7 +38,7 @@ def dataset_info(root: str | os.PathLike) -> dict:
         counts = np.asarray(m["class_counts"])
         present = counts[counts > 0]
         groups = meta.get("shot_groups") or shot_groups(counts)  # many/medium/few by train counts
-        files = [root / split / shard_name(k) for k in range(m["num_shards"])]
+        files = [root / split / shard_name(k) for k in shard_ids(m)]
         files += [root / split / INDEX_FILE, root / beton_name(split)]
         info["splits"][split] = {
             "num_samples": int(m["num_samples"]),
@@ -68,9 +69,10 @@ def verify(root: str | os.PathLike, workers: int | None = None) -> list[str]:
             continue
         index = np.asarray(ds.index)
         problems += _check_index(root, split, index, ds.info, len(meta["classes"]))
-        digests = ds.info.get("shard_sha256") or [None] * ds.num_shards
-        for k in range(ds.num_shards):
-            tasks.append((root, split, k, index[index["shard"] == k], digests[k]))
+        ids = shard_ids(ds.info)
+        digests = ds.info.get("shard_sha256") or [None] * len(ids)
+        for k, digest in zip(ids, digests):
+            tasks.append((root, split, k, index[index["shard"] == k], digest))
         if "ffcv" in ds.info["formats"]:
             problems += _check_beton(root / beton_name(split), index)
     total = sum(len(t[3]) for t in tasks)
@@ -92,7 +94,7 @@ def _check_index(root: Path, split: str, index: np.ndarray, info: dict, num_clas
     elif np.bincount(index["label"], minlength=num_classes).tolist() != list(info["class_counts"]):
         problems.append(f"{where}: class counts differ from {root / META_FILE}. {fix}")
     order = np.lexsort((index["offset"], index["shard"]))
-    outside = (index["shard"] < 0) | (index["shard"] >= info["num_shards"])
+    outside = ~np.isin(index["shard"], shard_ids(info))
     if outside.any() or not (order == np.arange(len(index))).all():
         problems.append(f"{where}: rows do not follow the shards in order. {fix}")
     return problems
@@ -145,6 +147,9 @@ def check_shard(path: Path, rows: np.ndarray, digest: str | None) -> list[str]:
         problems = [f"{path}: checksum differs from meta.json (the file was altered or damaged)."]
     else:
         problems = []
+    if not len(rows):  # written by an older version after --on-error skip emptied the shard
+        problems.append(f"{path}: holds no sample (DALI's webdataset reader refuses the whole "
+                        f"dataset for an empty shard).")
     try:
         with tarfile.open(path, "r:") as tar:
             members = tar.getmembers()
@@ -184,13 +189,16 @@ def _check_members(path: Path, tar: tarfile.TarFile, members: list, rows: np.nda
 
 
 def decode_error(data: bytes, ext: str) -> str | None:
-    """Why stored image bytes do not decode strictly, or None when they do."""
+    """Why stored image bytes do not decode strictly (or are too small for the loaders), or None."""
     try:
         if ext == "jpg":
-            simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+            height, width = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True).shape[:2]
         else:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
+                width, height = im.size
     except Exception as e:  # any decoder failure is the finding itself
         return f"{type(e).__name__}: {e}"
+    if min(width, height) < MIN_SIDE:
+        return f"{width}x{height} pixels, a side under {MIN_SIDE}: the loaders cannot crop it"
     return None

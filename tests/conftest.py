@@ -18,3 +18,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not present at {SHARED_DATA} (only beside the development checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def conversions_are_read_by_the_field_readers(monkeypatch):
+    """Every conversion a test makes is read back by the `webdataset` library and DALI's reader
+    (helpers.check_field_readers) as soon as it is complete."""
+    import pipeline.convert
+    from helpers import check_field_readers
+
+    finish = pipeline.convert._finish
+
+    def finish_and_check(source, out, *args, **kwargs):
+        meta = finish(source, out, *args, **kwargs)
+        check_field_readers(out)
+        return meta
+
+    monkeypatch.setattr(pipeline.convert, "_finish", finish_and_check)
