@@ -29,6 +29,7 @@ Optionally an FFCV .beton per split.
 JPEGs are stored as they are (no quality loss) when they are plain 3-channel baseline or
 progressive files; grayscale, CMYK, palette or alpha images are converted to RGB; other formats
 are re-encoded as baseline JPEG; PNGs and pixel arrays (CIFAR, synthetic) stay lossless PNG.
+16-bit PNG and TIFF images are scaled to 8 bits (round(v x 255 / 65535)) and counted as converted.
 Every image is decoded once while converting, so a corrupt file is found now, not mid-training.
 
 A rerun of the same command resumes where it stopped (finished shards are kept). Output folders
@@ -54,8 +55,10 @@ examples:
   iccl convert imagenet-lt --root /data/imagenet --lists lists/ --max-side 256 --out data/imagenet-lt
   iccl convert synthetic-lt --classes 20 --out data/synthetic --ffcv
 
-bad items (missing, unreadable or corrupt files, labels out of range) stop the conversion with a
-message naming them; rerun with --on-error skip to leave them out (listed in OUT/skipped.json)."""
+bad items (missing, unreadable or corrupt files, labels out of range, 32-bit or floating-point
+pixels, images with a side under 8 pixels, also once shrunk to --max-side) stop the conversion with
+a message naming them; rerun with --on-error skip to leave them out (listed in OUT/skipped.json).
+A shard whose items were all left out is not written (meta.json lists the shards of each split)."""
 
 
 def register(subparsers) -> None:
