@@ -182,14 +182,15 @@ def _check_members(path: Path, tar: tarfile.TarFile, members: list, rows: np.nda
         label = tar.extractfile(cls).read()
         if label != str(int(row["label"])).encode():
             problems.append(f"{path}: {cls.name} holds {label[:20]!r}, the index says {row['label']}.")
-        error = decode_error(tar.extractfile(image).read(), ext)
-        if error:
-            problems.append(f"{path}: {image.name} does not decode ({error}).")
+        problem = image_problem(tar.extractfile(image).read(), ext)
+        if problem:
+            problems.append(f"{path}: {image.name} {problem}.")
     return problems
 
 
-def decode_error(data: bytes, ext: str) -> str | None:
-    """Why stored image bytes do not decode strictly (or are too small for the loaders), or None."""
+def image_problem(data: bytes, ext: str) -> str | None:
+    """What is wrong with stored image bytes (they do not decode strictly, or the image is too
+    small for the loaders), as the end of a sentence about them; None when nothing is."""
     try:
         if ext == "jpg":
             height, width = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True).shape[:2]
@@ -198,7 +199,8 @@ def decode_error(data: bytes, ext: str) -> str | None:
                 im.load()
                 width, height = im.size
     except Exception as e:  # any decoder failure is the finding itself
-        return f"{type(e).__name__}: {e}"
+        return f"does not decode ({type(e).__name__}: {e})"
     if min(width, height) < MIN_SIDE:
-        return f"{width}x{height} pixels, a side under {MIN_SIDE}: the loaders cannot crop it"
+        return (f"is {width}x{height} pixels, a side under {MIN_SIDE}: too small for the loaders "
+                f"to crop (a conversion refuses such images)")
     return None

@@ -226,3 +226,11 @@ def test_verify_flags_an_empty_shard_left_by_an_older_version(tmp_path):
     (out / "meta.json").write_text(json.dumps(meta))
     problems = verify(out, workers=1)
     assert len(problems) == 1 and "holds no sample" in problems[0]
+
+
+def test_verify_flags_stored_images_too_small_for_the_loaders(tmp_path):
+    from helpers import make_converted, random_images
+    root = make_converted(tmp_path / "made", {"train": (random_images(3, 8) + random_images(1, 4),
+                                                        np.arange(4) % 2)}, 2)
+    problems = verify(root, workers=1)
+    assert len(problems) == 1 and "000000003.png is 4x4 pixels" in problems[0]
