@@ -65,10 +65,12 @@ def cmd_reproduce(args) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     reports: dict[str, list[dict]] = {m: [] for m in methods}
+    # The reduced budget keeps the recipe's 5 lr warm-up epochs (`--epochs` alone would scale them).
+    reduced = {"lr_warmup_epochs": 5} if epochs == REDUCED_EPOCHS and not args.epochs else {}
     for method in methods:
         for seed in seeds:
             cfg = resolve(args.dataset, method, data=str(data.resolve()), epochs=epochs, seed=seed,
-                          device=args.device, loader=args.loader)
+                          device=args.device, loader=args.loader, **reduced)
             say(f"{method} seed {seed}: {cfg.epochs} + {cfg.s2_epochs} epochs -> {out / method / f'seed-{seed}'}")
             reports[method].append(train(cfg, out / method / f"seed-{seed}"))
     rows = {}

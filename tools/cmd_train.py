@@ -37,8 +37,8 @@ def register(sub) -> None:
                                            "--list-settings")
     p.add_argument("--method", choices=("iccl", "ce"), default=None,
                    help="iccl (default), or ce: plain cross-entropy then cRT, on the same machinery")
-    p.add_argument("--epochs", type=int, help="stage-1 epochs; T_w (warmup_epochs) and lr_steps scale "
-                                              "with it unless also given with --set")
+    p.add_argument("--epochs", type=int, help="stage-1 epochs; T_w (warmup_epochs), lr_warmup_epochs and "
+                                              "lr_steps scale with it unless also given with --set")
     p.add_argument("--batch-size", type=int, help="global batch per stream (all processes together)")
     p.add_argument("--lr", type=float, help="stage-1 learning rate for the preset's batch size")
     p.add_argument("--seed", type=int, help="seed of initialisation, sampling, augmentation (default 0)")

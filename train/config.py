@@ -151,7 +151,8 @@ def _parse_value(cur, text: str, key: str):
 def resolve(preset: str, method: str = "iccl", overrides: dict[str, str] | None = None,
             **explicit) -> Config:
     """Preset, then the method's changes, then `explicit` typed values, then `--set` strings.
-    Changing `epochs` scales `warmup_epochs` (T_w) and `lr_steps` with it unless they are given."""
+    Changing `epochs` scales `warmup_epochs` (T_w), `lr_warmup_epochs` and `lr_steps` with it
+    (rounded) unless they are given."""
     if preset not in PRESETS:
         raise DataError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if method not in ("iccl", "ce"):
@@ -164,6 +165,7 @@ def resolve(preset: str, method: str = "iccl", overrides: dict[str, str] | None 
         # A shorter or longer run keeps the recipe's shape: T_w and the lr steps scale with it.
         f = epochs / values["epochs"]
         values["warmup_epochs"] = round(values["warmup_epochs"] * f)
+        values["lr_warmup_epochs"] = round(values["lr_warmup_epochs"] * f)
         if "lr_steps" in values:  # cosine presets have no steps
             values["lr_steps"] = tuple(round(s * f) for s in values["lr_steps"])
     values.update({k: v for k, v in explicit.items() if v is not None})

@@ -21,6 +21,7 @@ from model.network import ICCLNet, build_network
 from pipeline.atomic import write_json
 from pipeline.errors import DataError
 from train import checkpoint
+from train.bn_stats import recompute_bn_stats
 from train.config import Config, load_config_json
 from train.context import Context, build_context
 from train.distributed import barrier
@@ -86,7 +87,8 @@ def train(cfg: Config, run_dir: Path) -> dict:
     check_resume_config(run_dir, cfg)
     ctx = build_context(cfg, run_dir)
     try:
-        return _train(ctx)
+        with checkpoint.stop_signals():
+            return _train(ctx)
     finally:
         ctx.close()
 
@@ -111,6 +113,7 @@ def _train(ctx: Context) -> dict:
             if ctx.dist.is_main:
                 checkpoint.save(ckpt_path, {"stage": stage_no, "epoch": epoch, "step": step,
                                             "num_classes": ctx.num_classes, "config": cfg.to_dict(),
+                                            "skipped_images": stage.skipped_images,
                                             **stage.state_dict()})
             barrier()
         return save
@@ -128,11 +131,14 @@ def _train(ctx: Context) -> dict:
         stage = Stage1(ctx, net, bank)
         if "net" in state:
             stage.load_state_dict(state)
+            stage.skipped_images = state.get("skipped_images", 0)
         run_epochs(ctx, stage, state["epoch"], state["step"], saver(1, stage), evaluator(stage, cfg.eval_every))
+        recompute_bn_stats(ctx, stage)  # before anything uses evaluation mode (see train.bn_stats)
         if ctx.dist.enabled:
             ctx.metrics.write(stage="stage1", event="centroid_check",
                               max_rank_difference=centroid_spread(bank.centroids))
         report["stage1"] = run_eval(ctx, net)
+        report["corrupt_training_images"] = {"stage1": stage.skipped_images}
         ctx.metrics.write(stage="stage1", event="eval", epoch=cfg.epochs - 1, **_short(report["stage1"]))
         if ctx.dist.is_main:
             checkpoint.save(run_dir / "stage1.pt", _model_file(cfg, ctx, net))
@@ -150,8 +156,10 @@ def _train(ctx: Context) -> dict:
         stage = Stage2(ctx, net, teacher)
         if "optimizer" in state:
             stage.load_state_dict(state)
+            stage.skipped_images = state.get("skipped_images", 0)
         run_epochs(ctx, stage, state["epoch"], state["step"], saver(2, stage), evaluator(stage, cfg.eval_every))
         report["stage2"] = run_eval(ctx, net)
+        report.setdefault("corrupt_training_images", {})["stage2"] = stage.skipped_images
         ctx.metrics.write(stage="stage2", event="eval", epoch=cfg.s2_epochs - 1, **_short(report["stage2"]))
         report["train_seconds_this_session"] = round(time.monotonic() - t0, 1)
         if ctx.dist.is_main:
