@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 # Top-1 % after classifier rebalancing, from the paper (spec/ICCL.md): (ICCL, CE, cRT).
@@ -50,7 +49,7 @@ def cmd_reproduce(args) -> int:
     from pipeline.format import META_FILE
     from pipeline.progress import say
     from pipeline.sources.cifar import load_cifar_lt
-    from tools.report_table import mean_std_table, print_table
+    from tools.report_table import mean_std, mean_std_table, print_table
     from train.config import resolve
     from train.runner import train
 
@@ -82,19 +81,9 @@ def cmd_reproduce(args) -> int:
         rows["ICCL"] = [r["stage2"] for r in reports["iccl"]]
     paper = dict(zip(("ICCL", "CE", "cRT"), PAPER[args.dataset].get(ratio, (None,) * 3)))
     summary = {"dataset": args.dataset, "imbalance": ratio, "epochs": epochs or 200, "seeds": seeds,
-               "rows": {k: _mean(v) for k, v in rows.items()}, "paper_top1": paper,
+               "rows": {k: mean_std(v) for k, v in rows.items()}, "paper_top1": paper,
                "train_seconds": {m: [r.get("train_seconds_this_session") for r in rs] for m, rs in reports.items()}}
     write_json(out / "summary.json", summary)
     print_table(mean_std_table(rows, f"{args.dataset}, ratio {ratio}, {summary['epochs']} epochs: top-1 % "
                                      f"(paper: ICCL {paper['ICCL']}, CE {paper['CE']}, cRT {paper['cRT']})"))
     return 0
-
-
-def _mean(results: list[dict]) -> dict:
-    out = {}
-    for k in ("top1", "many", "medium", "few"):
-        vals = [r[k] for r in results if r.get(k) is not None]
-        out[k] = round(statistics.mean(vals), 2) if vals else None
-        if len(vals) > 1:
-            out[k + "_std"] = round(statistics.stdev(vals), 2)
-    return out

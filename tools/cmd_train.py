@@ -14,6 +14,7 @@ examples:
   iccl train --preset cifar10-lt --data data/cifar10-lt-100 --out runs/ce --method ce
   iccl train --out runs/iccl                       # resume an interrupted run
   iccl train --preset cifar10-lt --data D --out runs/s --seeds 0,1,2   # mean ± std over seeds
+  iccl train --out runs/s                          # resume every seed of that folder
   torchrun --nproc_per_node 8 -m tools.cli train --preset imagenet-lt --data D --out runs/in
 
 Presets carry the paper's recipes (ResNet-32 / ResNeXt-50 / ResNet-50, epochs, schedule, batch,
@@ -42,7 +43,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, help="global batch per stream (all processes together)")
     p.add_argument("--lr", type=float, help="stage-1 learning rate for the preset's batch size")
     p.add_argument("--seed", type=int, help="seed of initialisation, sampling, augmentation (default 0)")
-    p.add_argument("--seeds", help="comma-separated seeds: one run per seed in OUT/seed-S, then mean ± std")
+    p.add_argument("--seeds", help="comma-separated seeds: one run per seed in OUT/seed-S, then mean ± std "
+                                   "in OUT/summary.json; `iccl train --out OUT` resumes them all, "
+                                   "`iccl eval --run OUT` evaluates them all")
     p.add_argument("--loader", choices=("auto", "resident", "dali", "ffcv", "reference"),
                    help="data loader (auto: resident for small fixed-size images, else DALI)")
     p.add_argument("--workers", type=int, help="decode threads / worker processes per process")
@@ -56,7 +59,8 @@ def register(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a trained run (overall, many / medium / few)",
                        description="Evaluate the final model of a run (or its stage-1 model) on the "
                                    "evaluation split of its dataset and print the table.")
-    e.add_argument("--run", required=True, type=Path, help="run directory made by `iccl train`")
+    e.add_argument("--run", required=True, type=Path, help="run directory made by `iccl train`, or a "
+                                                           "--seeds folder (then mean ± std over its seeds)")
     e.add_argument("--stage", type=int, choices=(1, 2), default=2, help="2: after rebalancing (default)")
     e.add_argument("--data", help="dataset folder, if it moved since training")
     e.add_argument("--loader", choices=("auto", "resident", "dali", "ffcv", "reference"))
@@ -102,7 +106,7 @@ def _resolve(args, seed: int | None = None):
 
 
 def cmd_train(args) -> int:
-    from tools.report_table import mean_std_table, print_table, results_table
+    from tools.report_table import print_table, results_table
     from train.runner import train
     if args.list_settings:
         cfg = _resolve(args)
@@ -111,22 +115,74 @@ def cmd_train(args) -> int:
         return 0
     if args.out is None:
         raise DataError("--out DIR is required: the run directory to create (or to resume)")
-    if args.seeds:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        reports = []
-        for s in seeds:
-            sub = argparse.Namespace(**{**vars(args), "out": args.out / f"seed-{s}"})
-            reports.append(train(_resolve(sub, seed=s), sub.out))
-        if _is_main():
-            runs = {"stage 1": [r["stage1"] for r in reports], "stage 2": [r["stage2"] for r in reports]}
-            print_table(mean_std_table(runs, f"{args.out}: top-1 % over seeds {args.seeds}"))
-        return 0
+    if args.seeds or (args.preset is None and (args.out / SEEDS_FILE).is_file()):
+        return _train_seeds(args)
     cfg = _resolve(args)
     report = train(cfg, args.out)
     if _is_main():
         print_table(results_table({"stage 1": report["stage1"], "stage 2 (rebalanced)": report["stage2"]},
                                   f"{cfg.method.upper()} on {Path(cfg.data).name}: top-1 %"))
     return 0
+
+
+# A --seeds folder: OUT/seed-S/ holds one run per seed; OUT/seeds.json the seeds and the options
+# they were started with (so `iccl train --out OUT` resumes them all); OUT/summary.json the mean
+# and std over the seeds once all are done.
+SEEDS_FILE = "seeds.json"
+SUMMARY_FILE = "summary.json"
+_SEED_OPTIONS = ("preset", "method", "data", "epochs", "batch_size", "lr", "loader", "workers", "device",
+                 "compile", "set")
+_RESUMABLE_OPTIONS = ("data", "loader", "workers", "device", "compile")
+
+
+def _train_seeds(args) -> int:
+    """One run per seed in OUT/seed-S (started or resumed), then summary.json and the table."""
+    from pipeline.atomic import write_json
+    from tools.report_table import mean_std_table, print_table
+    from train.runner import train
+    seeds_file = args.out / SEEDS_FILE
+    options = {k: getattr(args, k) for k in _SEED_OPTIONS}
+    if options["data"]:
+        options["data"] = str(Path(options["data"]).resolve())
+    if args.preset is None:  # resuming: the options the folder was started with
+        if not seeds_file.is_file():
+            raise DataError(f"{args.out}: no --seeds folder to resume there (no {SEEDS_FILE}); pass "
+                            f"--preset and --data to start one.")
+        saved = json.loads(seeds_file.read_text())
+        changes = {k: options[k] for k in _RESUMABLE_OPTIONS if options[k] is not None}
+        options = {**saved["options"], **changes}
+        seeds = saved["seeds"] if not args.seeds else _seed_list(args.seeds)
+    else:
+        seeds = _seed_list(args.seeds)
+    runs = []
+    for s in seeds:  # every setting is checked before anything is written
+        sub = argparse.Namespace(**{**vars(args), **options, "seeds": None, "seed": s,
+                                    "out": args.out / f"seed-{s}"})
+        runs.append((_resolve(sub, seed=s), sub.out))
+    if _is_main():
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(seeds_file, {"seeds": seeds, "options": options})
+    reports = [train(cfg, out) for cfg, out in runs]
+    if _is_main():
+        write_json(args.out / SUMMARY_FILE, seeds_summary(seeds, reports))
+        table = {"stage 1": [r["stage1"] for r in reports], "stage 2": [r["stage2"] for r in reports]}
+        print_table(mean_std_table(table, f"{args.out}: top-1 % over seeds {','.join(map(str, seeds))}"))
+    return 0
+
+
+def _seed_list(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def seeds_summary(seeds: list[int], reports: list[dict]) -> dict:
+    """summary.json of a --seeds folder: per stage the mean and sample std over the seeds of
+    top-1 and many / medium / few (tools.report_table.mean_std), and each seed's numbers."""
+    from tools.report_table import COLUMNS, mean_std
+    stages = [k for k in ("stage1", "stage2") if all(k in r for r in reports)]
+    return {"seeds": seeds, "runs": [f"seed-{s}" for s in seeds],
+            **{k: mean_std([r[k] for r in reports]) for k in stages},
+            "per_seed": {f"seed-{s}": {k: {c: r[k].get(c) for c in COLUMNS} for k in stages}
+                         for s, r in zip(seeds, reports)}}
 
 
 def _is_main() -> bool:
@@ -137,11 +193,30 @@ def cmd_eval(args) -> int:
     from pipeline.atomic import write_json
     from tools.report_table import print_table, results_table
     from train.runner import evaluate_run
+    if (args.run / SEEDS_FILE).is_file():
+        return _eval_seeds(args)
     result = evaluate_run(args.run, stage=args.stage, data=args.data, loader=args.loader)
     if _is_main():
         print_table(results_table({f"stage {args.stage}": result}, f"{args.run}: top-1 %"))
         if args.json:
             write_json(args.json, result)
+    return 0
+
+
+def _eval_seeds(args) -> int:
+    """`iccl eval --run OUT` on a --seeds folder: every seed's run, then mean ± std."""
+    from pipeline.atomic import write_json
+    from tools.report_table import mean_std, mean_std_table, print_table
+    from train.runner import evaluate_run
+    seeds = json.loads((args.run / SEEDS_FILE).read_text())["seeds"]
+    results = [evaluate_run(args.run / f"seed-{s}", stage=args.stage, data=args.data, loader=args.loader)
+               for s in seeds]
+    if _is_main():
+        print_table(mean_std_table({f"stage {args.stage}": results},
+                                   f"{args.run}: top-1 % over seeds {','.join(map(str, seeds))}"))
+        if args.json:
+            write_json(args.json, {"seeds": seeds, "mean": mean_std(results),
+                                   "per_seed": {f"seed-{s}": r for s, r in zip(seeds, results)}})
     return 0
 
 
