@@ -36,6 +36,7 @@ class Context:
     metrics: MetricsLog
     amp_dtype: torch.dtype | None
     _loaders: dict = field(default_factory=dict)
+    corrupt_images_said: bool = False  # train.loop says it once per run
 
     @property
     def num_classes(self) -> int:

@@ -91,14 +91,15 @@ def run_epochs(ctx, stage, start_epoch: int, start_step: int,
 
 def _count_skipped(ctx, stage, loader) -> None:
     """Move the loader's count of corrupt images into `stage.skipped_images` (summed over
-    processes); the first time any is met, say so on the console."""
+    processes); the first time in the run that any is met, say so on the console."""
     met = host_reduce([loader.skipped], op="sum")[0]
     loader.skipped = 0
-    if met and not stage.skipped_images:
-        ctx.say(f"{stage.name}: {met} corrupt training image{'s' if met > 1 else ''} met so far, each "
-                f"replaced by a readable one; the total goes to report.json. `iccl verify "
-                f"{ctx.cfg.data}` names them.")
     stage.skipped_images += met
+    if met and not ctx.corrupt_images_said:
+        ctx.corrupt_images_said = True
+        ctx.say(f"{stage.name}: {stage.skipped_images} corrupt training image(s) met so far, replaced "
+                f"by readable images of the same class; report.json counts them per stage, and "
+                f"`iccl verify {ctx.cfg.data}` names them.")
 
 
 def _interrupted(ctx, stage, epoch: int, step: int):
