@@ -6,8 +6,8 @@
     any other image file Pillow can read   -> RGB, baseline JPEG at `quality`
       (grayscale / CMYK / 12-bit / arithmetic-coded JPEG, GIF, BMP, TIFF, WebP, ...)
     PNG file                               -> RGB, PNG (lossless)
-    16-bit PNG or TIFF (grey, RGB, with or without alpha)
-                                           -> scaled to 8 bits, round(v * 255 / 65535), then
+    16-bit PNG, TIFF, PGM or PPM (grey, RGB, with or without alpha)
+                                           -> scaled to 8 bits, round(v * 255 / maxval), then
                                               as above (PNG stays PNG); counted as converted
     32-bit integer or float pixels         -> refused: they have no standard range to map to 8 bits
     shorter side under MIN_SIDE pixels     -> refused (see below)
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 
 import cv2
@@ -113,14 +114,17 @@ def _from_file(path: str, max_side: int | None, quality: int) -> Encoded:
 def _decode_and_encode(data: bytes, is_png: bool, max_side: int | None, quality: int) -> Encoded:
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if im.mode in ("I", "F"):
+            if im.format == "PPM" and im.mode == "I":  # 16-bit PGM, which Pillow scales to 65535
+                grey = scale_16_to_8(np.asarray(im))
+                rgb, converted = Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2)), True
+            elif im.mode in ("I", "F"):
                 raise BadItem(f"{'32-bit integer' if im.mode == 'I' else 'floating-point'} pixels "
                               f"({im.format}): there is no standard range to map to 8 bits; save it "
                               f"as an 8- or 16-bit image")
-            if _is_16_bit(im, data):
+            elif _is_16_bit(im, data):
                 rgb, converted = Image.fromarray(_decode_16_bit(data)), True
             else:
-                converted = im.mode != "RGB"
+                converted = im.mode != "RGB" or (im.format == "PPM" and _pnm_maxval(data) > 255)
                 rgb = im.convert("RGB")  # loads the pixels: Pillow raises on truncated data here
     except BadItem:
         raise
@@ -151,6 +155,8 @@ def _is_16_bit(im: Image.Image, data: bytes) -> bool:
         return True
     if im.format == "PNG":  # the bit depth is byte 24: signature, chunk length and type, W, H
         return data.startswith(PNG_MAGIC) and len(data) > 24 and data[24] == 16
+    if im.format == "PPM":  # Pillow scales 16-bit PPM (RGB) right: only count it as converted
+        return False
     if im.format == "TIFF":
         bits = im.tag_v2.get(258, (8,))
         return max(bits if isinstance(bits, tuple) else (bits,)) == 16
@@ -172,8 +178,18 @@ def _decode_16_bit(data: bytes) -> np.ndarray:
 
 
 def scale_16_to_8(pixels: np.ndarray) -> np.ndarray:
-    """uint16 -> uint8 by round(v * 255 / 65535), in integers: no value is ever a tie."""
-    return ((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    """16-bit samples -> uint8 by round(v * 255 / 65535), in integers: no value is ever a tie."""
+    v = np.clip(pixels.astype(np.int64), 0, 65535)
+    return ((v * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _pnm_maxval(data: bytes) -> int:
+    """The maxval field of a binary PGM / PPM header (magic, width, height, maxval, comments
+    allowed between them): over 255, the file has 16-bit samples."""
+    tokens = re.sub(rb"#[^\n]*", b" ", data[:1024]).split()
+    if len(tokens) < 4 or not tokens[3].isdigit() or not 0 < int(tokens[3]) < 65536:
+        raise BadItem("a PGM/PPM file whose header gives no valid maxval")
+    return int(tokens[3])
 
 
 def _is_plain_jpeg(data: bytes) -> bool:

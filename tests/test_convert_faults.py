@@ -76,6 +76,23 @@ def test_16_bit_pngs_become_the_right_8_bit_image_and_are_counted(tmp_path):
     assert verify(tmp_path / "out") == []
 
 
+@pytest.mark.parametrize("channels, maxval", [(1, 4095), (1, 65535), (3, 65535), (3, 1023)])
+def test_16_bit_pgm_and_ppm_become_the_right_8_bit_image(tmp_path, channels, maxval):
+    """Netpbm files with maxval > 255: the full scale is the header's maxval, whatever the bit
+    depth (Pillow reads 16-bit PGM as 32-bit integers, refused before this case was handled)."""
+    px = (ramp16(40, 48, channels, seed=5).astype(np.int64) * maxval // 65535).astype(">u2")
+    h, w = px.shape[:2]
+    path = tmp_path / ("a.pgm" if channels == 1 else "a.ppm")
+    header = f"P{5 if channels == 1 else 6}\n# made by a test\n{w} {h}\n{maxval}\n".encode()
+    path.write_bytes(header + px.tobytes())
+    meta = convert(file_source([path], [0], num_classes=1), tmp_path / "out", workers=1, quality=95)
+    got = ShardedSplit(tmp_path / "out", "train").decode(0).astype(int)
+    rgb = np.repeat(px[..., None], 3, axis=2) if channels == 1 else px
+    err = np.abs(got - np.rint(rgb.astype(np.float64) * 255 / maxval))  # stored as JPEG: close
+    assert err.mean() < 1.5 and err.max() <= 12
+    assert meta["splits"]["train"]["converted_to_rgb"] == 1
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_16_bit_tiffs_become_the_right_8_bit_image(tmp_path, channels):
     px = ramp16(40, 48, channels, seed=channels)
