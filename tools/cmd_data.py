@@ -29,7 +29,7 @@ Optionally an FFCV .beton per split.
 JPEGs are stored as they are (no quality loss) when they are plain 3-channel baseline or
 progressive files; grayscale, CMYK, palette or alpha images are converted to RGB; other formats
 are re-encoded as baseline JPEG; PNGs and pixel arrays (CIFAR, synthetic) stay lossless PNG.
-16-bit PNG and TIFF images are scaled to 8 bits (round(v x 255 / 65535)) and counted as converted.
+16-bit PNG, TIFF, PGM and PPM images are scaled to 8 bits (round(v x 255 / max)), counted as converted.
 Every image is decoded once while converting, so a corrupt file is found now, not mid-training.
 
 A rerun of the same command resumes where it stopped (finished shards are kept). Output folders
