@@ -256,6 +256,9 @@ def _finish(source: Source, out: Path, results: Iterable[ShardResult], options: 
         split_skipped = [s for r in rs for s in r.skipped]
         skipped += split_skipped
         written = [r for r in rs if len(r.rows)]  # a shard that lost every item has no file
+        for r in rs:
+            if not len(r.rows):  # an empty tar an older version left there
+                (out / name / shard_name(r.shard)).unlink(missing_ok=True)
         splits[name] = {
             "num_samples": len(labels), "num_shards": len(written),
             "shards": [r.shard for r in written],

@@ -225,6 +225,7 @@ def test_a_shard_that_lost_every_item_is_not_written(tmp_path):
     assert verify(out) == []
     # resume: the emptied shard counts as done, and a rebuilt meta.json is the same
     (out / "meta.json").unlink()
+    (out / "train" / shard_name(1)).write_bytes(b"\0" * 1024)  # as an older version left it
     again = convert(file_source(items, labels), out, shard_size=2, workers=1, on_error="skip")
     assert {k: v for k, v in again.items() if k != "created"} == {k: v for k, v in meta.items()
                                                                    if k != "created"}
