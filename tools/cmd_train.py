@@ -150,7 +150,7 @@ def _train_seeds(args) -> int:
                             f"--preset and --data to start one.")
         saved = json.loads(seeds_file.read_text())
         changes = {k: options[k] for k in _RESUMABLE_OPTIONS if options[k] is not None}
-        options = {**saved["options"], **changes}
+        options = {**saved["options"], **changes, "set": saved["options"]["set"] + args.set}
         seeds = saved["seeds"] if not args.seeds else _seed_list(args.seeds)
     else:
         seeds = _seed_list(args.seeds)
