@@ -47,7 +47,7 @@ from pipeline.convert_shard import (LARGE_IMAGE_PIXELS, ShardResult, ShardTask, 
                                     load_done, run_shard)
 from pipeline.errors import ON_ERROR, DataError
 from pipeline.format import (FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE, INDEX_FILE, META_FILE,
-                             beton_name, read_meta, shard_name, shot_groups)
+                             beton_name, read_meta, shard_ids, shard_name, shot_groups)
 from pipeline.progress import count, progress, say
 from pipeline.sources.base import Source
 
@@ -219,7 +219,7 @@ def _complete_meta(out: Path, source: Source) -> dict | None:
         meta = None
     if meta is not None and set(meta["splits"]) == set(source.splits) and all(
             (out / name / INDEX_FILE).is_file()
-            and all((out / name / shard_name(k)).is_file() for k in range(info["num_shards"]))
+            and all((out / name / shard_name(k)).is_file() for k in shard_ids(info))
             for name, info in meta["splits"].items()):
         return meta
     say(f"{out}: the conversion has missing or damaged files; rewriting them.")
@@ -287,15 +287,20 @@ def _finish(source: Source, out: Path, results: Iterable[ShardResult], options: 
         labels = indexes[name]["label"].astype(np.int64)
         split_skipped = [s for r in rs for s in r.skipped]
         skipped += split_skipped
+        written = [r for r in rs if len(r.rows)]  # a shard that lost every item has no file
+        for r in rs:
+            if not len(r.rows):  # an empty tar an older version left there
+                (out / name / shard_name(r.shard)).unlink(missing_ok=True)
         splits[name] = {
-            "num_samples": len(labels), "num_shards": len(rs),
+            "num_samples": len(labels), "num_shards": len(written),
+            "shards": [r.shard for r in written],
             "class_counts": np.bincount(labels, minlength=num_classes).tolist(),
-            "bytes": sum((out / name / shard_name(r.shard)).stat().st_size for r in rs),
+            "bytes": sum((out / name / shard_name(r.shard)).stat().st_size for r in written),
             "formats": ["webdataset"], "skipped": len(split_skipped),
             "converted_to_rgb": sum(r.converted_to_rgb for r in rs),
             "reencoded": sum(r.reencoded for r in rs),
             "exif_rotated": sum(r.exif_rotated for r in rs),
-            "shard_sha256": [r.sha256 for r in rs],
+            "shard_sha256": [r.sha256 for r in written],
         }
     _check_train_classes(source, splits["train"]["class_counts"], skipped)
     turned = sum(s["exif_rotated"] for s in splits.values())

@@ -7,12 +7,15 @@ after the shard itself:
     <split>/.shard-000000.json      its counts, sha256 and skipped items
 
 A shard is done when all three exist, so a rerun after a crash (or after a damaged shard was
-deleted) rewrites only the shards that are not. The records are kept after the conversion: they
+deleted) rewrites only the shards that are not. A shard whose items were all left out by
+--on-error skip is never written (an empty tar is refused by DALI's webdataset reader, "Underful
+sample"): its two records alone, with no rows, say it is done, so shard numbers can have gaps. The records are kept after the conversion: they
 are small, and they make such a repair cost one shard instead of the whole dataset.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +55,9 @@ class ShardTask:
 class ShardResult:
     split: str
     shard: int
-    rows: np.ndarray            # INDEX_DTYPE
+    rows: np.ndarray            # INDEX_DTYPE; empty when every item was left out (no shard file)
     num_items: int              # source items covered, kept or not
-    sha256: str
+    sha256: str                 # of the shard file; "" when there is none
     converted_to_rgb: int = 0
     reencoded: int = 0
     exif_rotated: int = 0       # turned upright by their EXIF orientation (and re-encoded)
@@ -70,10 +73,12 @@ def record_paths(split_dir: Path, k: int) -> tuple[Path, Path]:
 def load_done(split: str, split_dir: Path, k: int) -> ShardResult | None:
     """The result of shard k if a previous run completed it, else None."""
     idx_path, rec_path = record_paths(split_dir, k)
-    if not ((split_dir / shard_name(k)).is_file() and idx_path.is_file() and rec_path.is_file()):
+    if not (idx_path.is_file() and rec_path.is_file()):
         return None
     rows = np.load(idx_path)
     if rows.dtype != INDEX_DTYPE:  # written by another version of the format: rewrite the shard
+        return None
+    if len(rows) and not (split_dir / shard_name(k)).is_file():
         return None
     return ShardResult(split=split, shard=k, rows=rows, **json.loads(rec_path.read_text()))
 
@@ -82,8 +87,13 @@ def run_shard(task: ShardTask) -> ShardResult:
     """Encode and write one shard (in a worker process); DataError on a bad item in "stop" mode."""
     result = ShardResult(task.split, task.shard, np.empty(0, INDEX_DTYPE), len(task.items), "")
     path = task.dir / shard_name(task.shard)
-    result.rows = write_shard(path, task.shard, task.start, _records(task, result))
-    result.sha256 = file_sha256(path)
+    records = _records(task, result)
+    first = next(records, None)
+    if first is None:  # every item left out: no shard file at all (see the module docstring)
+        path.unlink(missing_ok=True)
+    else:
+        result.rows = write_shard(path, task.shard, task.start, itertools.chain([first], records))
+        result.sha256 = file_sha256(path)
     idx_path, rec_path = record_paths(task.dir, task.shard)
     with atomic_open(idx_path, "wb") as f:
         np.save(f, result.rows)

@@ -11,7 +11,9 @@ the shards front to back, so the `webdataset` library and DALI's reader see the 
 same order. KEY is the sample's position in the source split as 9 digits: keys increase along the
 index and equal the sample number, except after `iccl convert --on-error skip` left bad items out,
 which leaves gaps in the keys (never in the index). Shard k holds the kept samples of source
-positions [k*S, (k+1)*S) for the shard size S, so a shard can be rewritten on its own.
+positions [k*S, (k+1)*S) for the shard size S, so a shard can be rewritten on its own. A shard
+that would hold no sample (all its items left out) is not written: meta.json lists the shard
+numbers of a split under "shards" (`shard_ids`), which then has a gap. No shard is ever empty.
 """
 from __future__ import annotations
 
@@ -42,6 +44,12 @@ FEW_BELOW = 20
 
 def shard_name(k: int) -> str:
     return f"shard-{k:06d}.tar"
+
+
+def shard_ids(info: dict) -> list[int]:
+    """The shard numbers of a split, from its meta.json entry, in order (datasets written before
+    the "shards" list existed have shards 0 .. num_shards - 1)."""
+    return [int(k) for k in info.get("shards", range(info["num_shards"]))]
 
 
 def sample_key(i: int) -> str:

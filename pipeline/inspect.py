@@ -17,21 +17,23 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from pipeline.convert_items import MIN_SIDE
 from pipeline.convert_shard import file_sha256
 from pipeline.dataset import ShardedSplit
 from pipeline.errors import DataError
 from pipeline.format import (EXTS, INDEX_FILE, META_FILE, beton_name, read_meta, sample_key,
-                             shard_name, shot_groups)
+                             shard_ids, shard_name, shot_groups)
 from pipeline.progress import count, progress
 
 _MAX_PER_SHARD = 5  # problems listed per shard before "... and N more"
 
 
 # --- info -------------------------------------------------------------------------------------
-def split_bytes(root: Path, split: str, num_shards: int) -> int:
-    """Bytes on disk of a converted split: its shards, its index and its FFCV file if any. The one
-    definition of a split's size, reported by `iccl convert` and `iccl info` alike."""
-    files = [root / split / shard_name(k) for k in range(num_shards)]
+def split_bytes(root: Path, split: str, split_meta: dict) -> int:
+    """Bytes on disk of a converted split (`split_meta`: its entry in meta.json): its shards, its
+    index and its FFCV file if any. The one definition of a split's size, reported by `iccl convert`
+    and `iccl info` alike."""
+    files = [Path(root) / split / shard_name(k) for k in shard_ids(split_meta)]
     files += [root / split / INDEX_FILE, root / beton_name(split)]
     return sum(p.stat().st_size for p in files if p.is_file())
 
@@ -59,7 +61,7 @@ def dataset_info(root: str | os.PathLike) -> dict:
             "imbalance_ratio": float(present.max() / present.min()) if len(present) else None,
             **{g: int((counts[split_groups[g]] > 0).sum()) for g in ("many", "medium", "few")},
             "formats": list(m["formats"]),
-            "bytes": split_bytes(root, split, m["num_shards"]),
+            "bytes": split_bytes(root, split, m),
         }
     return info
 
@@ -81,9 +83,10 @@ def verify(root: str | os.PathLike, workers: int | None = None) -> list[str]:
             continue
         index = np.asarray(ds.index)
         problems += _check_index(root, split, index, ds.info, len(meta["classes"]))
-        digests = ds.info.get("shard_sha256") or [None] * ds.num_shards
-        for k in range(ds.num_shards):
-            tasks.append((root, split, k, index[index["shard"] == k], digests[k]))
+        ids = shard_ids(ds.info)
+        digests = ds.info.get("shard_sha256") or [None] * len(ids)
+        for k, digest in zip(ids, digests):
+            tasks.append((root, split, k, index[index["shard"] == k], digest))
         if "ffcv" in ds.info["formats"]:
             problems += _check_beton(root / beton_name(split), index)
     total = sum(len(t[3]) for t in tasks)
@@ -105,7 +108,7 @@ def _check_index(root: Path, split: str, index: np.ndarray, info: dict, num_clas
     elif np.bincount(index["label"], minlength=num_classes).tolist() != list(info["class_counts"]):
         problems.append(f"{where}: class counts differ from {root / META_FILE}. {fix}")
     order = np.lexsort((index["offset"], index["shard"]))
-    outside = (index["shard"] < 0) | (index["shard"] >= info["num_shards"])
+    outside = ~np.isin(index["shard"], shard_ids(info))
     if outside.any() or not (order == np.arange(len(index))).all():
         problems.append(f"{where}: rows do not follow the shards in order. {fix}")
     return problems
@@ -165,6 +168,9 @@ def check_shard(path: Path, rows: np.ndarray, digest: str | None) -> list[str]:
         problems = [f"{path}: checksum differs from meta.json (the file was altered or damaged)."]
     else:
         problems = []
+    if not len(rows):  # written by an older version after --on-error skip emptied the shard
+        problems.append(f"{path}: holds no sample (DALI's webdataset reader refuses the whole "
+                        f"dataset for an empty shard).")
     try:
         with tarfile.open(path, "r:") as tar:
             members = tar.getmembers()
@@ -197,20 +203,25 @@ def _check_members(path: Path, tar: tarfile.TarFile, members: list, rows: np.nda
         label = tar.extractfile(cls).read()
         if label != str(int(row["label"])).encode():
             problems.append(f"{path}: {cls.name} holds {label[:20]!r}, the index says {row['label']}.")
-        error = decode_error(tar.extractfile(image).read(), ext)
-        if error:
-            problems.append(f"{path}: {image.name} does not decode ({error}).")
+        problem = image_problem(tar.extractfile(image).read(), ext)
+        if problem:
+            problems.append(f"{path}: {image.name} {problem}.")
     return problems
 
 
-def decode_error(data: bytes, ext: str) -> str | None:
-    """Why stored image bytes do not decode strictly, or None when they do."""
+def image_problem(data: bytes, ext: str) -> str | None:
+    """What is wrong with stored image bytes (they do not decode strictly, or the image is too
+    small for the loaders), as the end of a sentence about them; None when nothing is."""
     try:
         if ext == "jpg":
-            simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+            height, width = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True).shape[:2]
         else:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
+                width, height = im.size
     except Exception as e:  # any decoder failure is the finding itself
-        return f"{type(e).__name__}: {e}"
+        return f"does not decode ({type(e).__name__}: {e})"
+    if min(width, height) < MIN_SIDE:
+        return (f"is {width}x{height} pixels, a side under {MIN_SIDE}: too small for the loaders "
+                f"to crop (a conversion refuses such images)")
     return None

@@ -1,10 +1,13 @@
 """Progress reporting: a rich bar on a terminal, a plain line every few seconds otherwise (logs, CI).
 
 Library code calls `task = progress(...)` and `task.advance(n)`; it never prints directly, so that
-commands stay quiet under `--quiet` and logs stay readable when output is not a terminal.
+commands stay quiet under `--quiet` and logs stay readable when output is not a terminal. Under
+`torchrun` only the process of rank 0 (the RANK variable torchrun sets) shows progress and status
+lines: N processes would otherwise print N copies of each.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -23,9 +26,14 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def _silent() -> bool:
+    """--quiet, or a process other than rank 0 under torchrun."""
+    return _quiet or os.environ.get("RANK", "0") != "0"
+
+
 def say(message: str) -> None:
     """A status line for the user (stderr, so stdout stays clean for --json output)."""
-    if not _quiet:
+    if not _silent():
         console.print(message, highlight=False)
 
 
@@ -60,7 +68,7 @@ class _Task:
             self._bar.update(self._id, advance=n, extra=self.extra)
             return
         now = time.monotonic()
-        if not _quiet and (now - self._last >= self._every_s or self.done >= self.total):
+        if not _silent() and (now - self._last >= self._every_s or self.done >= self.total):
             self._last = now
             print(f"{self.desc}: {self.done}/{self.total} {self.unit} "
                   f"({rate_text(self.done, now - self._t0, self.unit)})"
@@ -69,7 +77,7 @@ class _Task:
 
 @contextmanager
 def progress(total: int, desc: str, unit: str = "items", every_s: float = 10.0) -> Iterator[_Task]:
-    if _quiet or not console.is_terminal:
+    if _silent() or not console.is_terminal:
         yield _Task(total, desc, unit, None, every_s)
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -26,3 +26,20 @@ def tiny_trained_run(tmp_path_factory) -> dict:
     (`helpers.train_tiny_run`; ~10-40 s on 2 busy cores, so its users are marked slow)."""
     from helpers import train_tiny_run
     return train_tiny_run(tmp_path_factory.mktemp("tiny-run"))
+
+
+@pytest.fixture(autouse=True)
+def conversions_are_read_by_the_field_readers(monkeypatch):
+    """Every conversion a test makes is read back by the `webdataset` library and DALI's reader
+    (helpers.check_field_readers) as soon as it is complete."""
+    import pipeline.convert
+    from helpers import check_field_readers
+
+    finish = pipeline.convert._finish
+
+    def finish_and_check(source, out, *args, **kwargs):
+        meta = finish(source, out, *args, **kwargs)
+        check_field_readers(out)
+        return meta
+
+    monkeypatch.setattr(pipeline.convert, "_finish", finish_and_check)

@@ -2,6 +2,7 @@
 samplers and loaders (independent of the conversion engine, which has tests of its own)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,50 @@ def train_tiny_run(root: Path) -> dict:
     (photos / ".hidden.png").write_bytes(b"skipped")
     (photos / "notes.txt").write_text("not an image")
     return {"root": root, "data": data, "run": root / "run", "photos": photos, "report": report}
+
+
+def check_field_readers(root: Path) -> None:
+    """Assert that the `webdataset` library and DALI's CPU `fn.readers.webdataset` read every split
+    of the converted dataset at `root` as its index says (same keys, bytes and labels, in order),
+    and that no shard file is empty or left out of meta.json (DALI refuses a dataset with an empty
+    shard: "Underful sample detected")."""
+    import webdataset as wds
+
+    from pipeline.dataset import ShardedSplit
+    from pipeline.format import sample_key, shard_ids
+
+    for split in json.loads((Path(root) / META_FILE).read_text())["splits"]:
+        ds = ShardedSplit(root, split)
+        paths = [str(ds.shard_path(k)) for k in shard_ids(ds.info)]
+        assert sorted(str(p) for p in ds.dir.glob("shard-*.tar")) == sorted(paths), split
+        expected = [(bytes(ds.encoded(i)), int(ds.labels[i])) for i in range(len(ds))]
+        assert all(len(ds.index[ds.index["shard"] == k]) for k in shard_ids(ds.info)), "empty shard"
+        if not paths:
+            assert not expected
+            continue
+        got = [(s.get("jpg", s.get("png")), int(s["cls"])) for s in wds.WebDataset(paths, shardshuffle=False)]
+        assert got == expected, f"webdataset library, split {split}"
+        keys = [s["__key__"] for s in wds.WebDataset(paths, shardshuffle=False)]
+        assert keys == sorted(keys) and len(set(keys)) == len(keys)
+        assert all(k == sample_key(int(k)) for k in keys)
+        assert _dali_webdataset(paths, len(expected)) == expected, f"DALI reader, split {split}"
+
+
+def _dali_webdataset(paths: list[str], n: int) -> list[tuple[bytes, int]]:
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=min(n, 64), num_threads=1, device_id=None)  # CPU only
+    def read():
+        return tuple(fn.readers.webdataset(paths=paths, ext=["jpg;png", "cls"], name="reader",
+                                           missing_component_behavior="error", random_shuffle=False))
+
+    pipe = read()
+    pipe.build()
+    assert pipe.epoch_size("reader") == n
+    out = []
+    while len(out) < n:  # the last batch wraps around to the start: keep the first n
+        images, labels = pipe.run()
+        out += [(np.array(images[i]).tobytes(), int(np.array(labels[i]).tobytes()))
+                for i in range(len(images))]
+    del pipe
+    return out[:n]

@@ -77,7 +77,7 @@ def test_arrays_round_trip_and_meta(tmp_path):
     assert set(meta) == {"format", "version", "name", "classes", "splits", "shot_groups", "source",
                          "options", "created"}
     assert meta["splits"]["train"] == {
-        "num_samples": 40, "num_shards": 3, "class_counts": [10, 10, 10, 10],
+        "num_samples": 40, "num_shards": 3, "shards": [0, 1, 2], "class_counts": [10, 10, 10, 10],
         "bytes": sum((tmp_path / "out" / "train" / shard_name(k)).stat().st_size for k in range(3)),
         "formats": ["webdataset"], "skipped": 0, "converted_to_rgb": 0, "reencoded": 0, "exif_rotated": 0,
         "shard_sha256": meta["splits"]["train"]["shard_sha256"]}

@@ -108,7 +108,13 @@ def test_cosine_schedule():
 
 def test_changing_epochs_keeps_the_recipe_shape():
     c = resolve("cifar10-lt", epochs=50)
-    assert (c.warmup_epochs, c.lr_steps, c.lr_warmup_epochs) == (25, (30, 40), 5)
+    assert (c.warmup_epochs, c.lr_steps, c.lr_warmup_epochs) == (25, (30, 40), 1)
+    assert resolve("cifar10-lt", epochs=400).lr_warmup_epochs == 10
+    assert resolve("cifar10-lt", epochs=50, overrides={"lr_warmup_epochs": "5"}).lr_warmup_epochs == 5
+    # a 2-epoch run reaches the base learning rate (it never did with 5 warm-up epochs)
+    from train.schedule import step_lr
+    c = resolve("synthetic-lt", epochs=2)
+    assert c.lr_warmup_epochs == 0 and step_lr(c.lr, 0.5, c.lr_warmup_epochs, c.lr_steps, 0.01) == c.lr
     assert resolve("imagenet-lt", epochs=30).warmup_epochs == 15  # cosine: no steps to scale
     c = resolve("cifar10-lt", epochs=50, overrides={"warmup_epochs": "10"})
     assert c.warmup_epochs == 10 and c.lr_steps == (30, 40)

@@ -75,7 +75,7 @@ def test_cli_info_table_and_errors(converted, tmp_path, capsys):
 def test_verify_accepts_an_intact_dataset(converted, tmp_path, capsys):
     assert verify(converted, workers=1) == []
     assert verify(converted, workers=2) == []
-    made = make_converted(tmp_path / "made", {"train": (random_images(9, 4), np.arange(9) % 3)}, 3)
+    made = make_converted(tmp_path / "made", {"train": (random_images(9, 8), np.arange(9) % 3)}, 3)
     assert verify(made, workers=1) == []  # no shard checksums in meta: the rest is still checked
     assert tools.cli.main(["verify", str(converted), "--workers", "1"]) == 0
     assert "OK: 24 samples in 6 shards verified" in capsys.readouterr().out

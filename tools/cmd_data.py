@@ -31,6 +31,7 @@ progressive files; grayscale, CMYK, palette or alpha images are converted to RGB
 are re-encoded as baseline JPEG, and so are PNG files named .jpg/.jpeg (a JPEG dataset stays all
 JPEG); other PNGs and pixel arrays (CIFAR, synthetic) stay lossless PNG. The table counts the
 images converted to RGB and those re-encoded.
+16-bit PNG, TIFF, PGM and PPM images are scaled to 8 bits (round(v x 255 / max)), counted as converted.
 Every image is decoded once while converting, so a corrupt file is found now, not mid-training.
 
 A rerun of the same command resumes where it stopped (finished shards are kept). Output folders
@@ -64,8 +65,10 @@ examples:
   iccl convert folder --root ~/photos --holdout 0.2 --max-side 512 --out data/photos
   iccl convert synthetic-lt --classes 20 --out data/synthetic --ffcv
 
-bad items (missing, unreadable or corrupt files, labels out of range) stop the conversion with a
-message naming them; rerun with --on-error skip to leave them out (listed in OUT/skipped.json)."""
+bad items (missing, unreadable or corrupt files, labels out of range, 32-bit or floating-point
+pixels, images with a side under 8 pixels, also once shrunk to --max-side) stop the conversion with
+a message naming them; rerun with --on-error skip to leave them out (listed in OUT/skipped.json).
+A shard whose items were all left out is not written (meta.json lists the shards of each split)."""
 
 
 def register(subparsers) -> None:
@@ -193,7 +196,7 @@ def _convert(args) -> int:
                    on_error=args.on_error)
     _print_splits(f"{meta['name']} -> {args.out}", [
         (split, m["num_samples"], sum(1 for c in m["class_counts"] if c), m["num_shards"],
-         split_bytes(args.out, split, m["num_shards"]), m["skipped"], m["converted_to_rgb"],
+         split_bytes(args.out, split, m), m["skipped"], m["converted_to_rgb"],
          m["reencoded"], m["formats"])
         for split, m in meta["splits"].items()],
         ("split", "samples", "classes", "shards", "size", "skipped", "to RGB", "re-encoded", "formats"))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 from pipeline.errors import DataError
@@ -53,7 +52,7 @@ def cmd_reproduce(args) -> int:
     from pipeline.format import META_FILE
     from pipeline.progress import say
     from pipeline.sources.cifar import load_cifar_lt
-    from tools.report_table import mean_std_table, print_table
+    from tools.report_table import mean_std, mean_std_table, print_table
     from train.config import resolve
     from train.runner import train
 
@@ -69,8 +68,10 @@ def cmd_reproduce(args) -> int:
     if not methods or set(methods) - set(METHODS):
         raise DataError(f"--methods {args.methods}: choose from {','.join(METHODS)}")
     # Every run's settings are checked before the conversion and the first run start.
+    # The reduced budget keeps the recipe's 5 lr warm-up epochs (`--epochs` alone would scale them).
+    reduced = {"lr_warmup_epochs": 5} if epochs == REDUCED_EPOCHS and not args.epochs else {}
     configs = {(method, seed): resolve(args.dataset, method, data=str(data.resolve()), epochs=epochs,
-                                       seed=seed, device=args.device, loader=args.loader)
+                                       seed=seed, device=args.device, loader=args.loader, **reduced)
                for method in methods for seed in seeds}
     if not (data / META_FILE).is_file():
         say(f"converting {args.source} to {args.dataset} at ratio {ratio} in {data}")
@@ -89,19 +90,9 @@ def cmd_reproduce(args) -> int:
         rows["ICCL"] = [r["stage2"] for r in reports["iccl"]]
     paper = dict(zip(("ICCL", "CE", "cRT"), PAPER[args.dataset].get(ratio, (None,) * 3)))
     summary = {"dataset": args.dataset, "imbalance": ratio, "epochs": epochs or 200, "seeds": seeds,
-               "rows": {k: _mean(v) for k, v in rows.items()}, "paper_top1": paper,
+               "rows": {k: mean_std(v) for k, v in rows.items()}, "paper_top1": paper,
                "train_seconds": {m: [r.get("train_seconds_this_session") for r in rs] for m, rs in reports.items()}}
     write_json(out / "summary.json", summary)
     print_table(mean_std_table(rows, f"{args.dataset}, ratio {ratio}, {summary['epochs']} epochs: top-1 % "
                                      f"(paper: ICCL {paper['ICCL']}, CE {paper['CE']}, cRT {paper['cRT']})"))
     return 0
-
-
-def _mean(results: list[dict]) -> dict:
-    out = {}
-    for k in ("top1", "many", "medium", "few"):
-        vals = [r[k] for r in results if r.get(k) is not None]
-        out[k] = round(statistics.mean(vals), 2) if vals else None
-        if len(vals) > 1:
-            out[k + "_std"] = round(statistics.stdev(vals), 2)
-    return out

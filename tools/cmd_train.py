@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ examples:
   iccl train --preset cifar10-lt --data D --out runs/lws --set stage2=lws   # another stage 2
   iccl stage2 --from runs/iccl --out runs/iccl-lws --set stage2=lws         # ... from an existing stage 1
   iccl train --preset cifar10-lt --data D --out runs/s --seeds 0,1,2   # mean ± std over seeds
+  iccl train --out runs/s                          # resume every seed of that folder
   torchrun --nproc_per_node 8 -m tools.cli train --preset imagenet-lt --data D --out runs/in
   iccl train --preset photos --data data/photos --out runs/photos --set pretrained=resnet50.pth
   iccl train --preset photos --data data/photos --out runs/cpu --epochs 10 --set arch=resnet18
@@ -56,13 +58,15 @@ def register(sub) -> None:
                                            "--list-settings")
     p.add_argument("--method", choices=METHODS, default=None,
                    help="iccl (default), or ce: plain cross-entropy then cRT, on the same machinery")
-    p.add_argument("--epochs", type=int, help="stage-1 epochs; T_w (warmup_epochs) and lr_steps scale "
-                                              "with it unless also given with --set")
+    p.add_argument("--epochs", type=int, help="stage-1 epochs; T_w (warmup_epochs), lr_warmup_epochs and "
+                                              "lr_steps scale with it unless also given with --set")
     p.add_argument("--batch-size", type=int, help="global batch per stream (all processes together)")
     p.add_argument("--lr", type=float, help="stage-1 learning rate for the preset's batch size")
     p.add_argument("--seed", type=int, help="seed of initialisation, sampling, augmentation (default 0)")
     p.add_argument("--seeds", help="comma-separated seeds (whole numbers >= 0, each once): one run per "
-                                   "seed in OUT/seed-S, then mean ± std; replaces --seed")
+                                   "seed in OUT/seed-S, then mean ± std in OUT/summary.json; replaces "
+                                   "--seed. `iccl train --out OUT` resumes them all, `iccl eval --run OUT` "
+                                   "evaluates them all")
     p.add_argument("--loader", choices=LOADER_CHOICES,
                    help="data loader. auto: resident when the decoded images fit in memory; else on a "
                         "CPU ffcv when the split has a .beton, dali for images up to 64 px, else "
@@ -83,7 +87,8 @@ def register(sub) -> None:
                        description="Evaluate the final model of a run (or its stage-1 model) on the "
                                    "evaluation split of its dataset, print the table and redraw the run's "
                                    "per_class.png (from this evaluation), weight_norms.png and curves.png.")
-    e.add_argument("--run", required=True, type=Path, help="run directory made by `iccl train`")
+    e.add_argument("--run", required=True, type=Path, help="run directory made by `iccl train`, or a "
+                                                           "--seeds folder (then mean ± std over its seeds)")
     e.add_argument("--stage", type=int, choices=(1, 2), default=2, help="2: after rebalancing (default)")
     e.add_argument("--data", help="dataset folder, if it moved since training")
     e.add_argument("--loader", choices=LOADER_CHOICES)
@@ -143,7 +148,7 @@ def _resolve(args, seed: int | None = None, list_only: bool = False):
 
 
 def cmd_train(args) -> int:
-    from tools.report_table import mean_std_table, print_table, results_table
+    from tools.report_table import print_table, results_table
     from train.config import allowed
     from train.runner import train
     if args.list_settings:
@@ -154,24 +159,72 @@ def cmd_train(args) -> int:
         return 0
     if args.out is None:
         raise DataError("--out DIR is required: the run directory to create (or to resume)")
-    if args.seeds:
-        seeds = parse_seeds(args.seeds)
-        if args.seed is not None or "seed" in parse_overrides(args.set):
-            raise DataError("--seeds and --seed (or --set seed=...) both choose the seed; give one.")
-        # Every seed's settings are checked before the first run starts.
-        runs = [(s, args.out / f"seed-{s}") for s in seeds]
-        configs = [_resolve(argparse.Namespace(**{**vars(args), "out": out}), seed=s) for s, out in runs]
-        reports = [train(cfg, out) for cfg, (_, out) in zip(configs, runs)]
-        if _is_main():
-            runs = {"stage 1": [r["stage1"] for r in reports], "stage 2": [r["stage2"] for r in reports]}
-            print_table(mean_std_table(runs, f"{args.out}: top-1 % over seeds {args.seeds}"))
-        return 0
+    if args.seeds or (args.preset is None and (args.out / SEEDS_FILE).is_file()):
+        return _train_seeds(args)
     cfg = _resolve(args)
     report = train(cfg, args.out)
     if _is_main():
         print_table(results_table({"stage 1": report["stage1"], "stage 2 (rebalanced)": report["stage2"]},
                                   f"{cfg.method.upper()} on {Path(cfg.data).name}: top-1 %"))
     return 0
+
+
+# A --seeds folder: OUT/seed-S/ holds one run per seed; OUT/seeds.json the seeds and the options
+# they were started with (so `iccl train --out OUT` resumes them all); OUT/summary.json the mean
+# and std over the seeds once all are done.
+SEEDS_FILE = "seeds.json"
+SUMMARY_FILE = "summary.json"
+_SEED_OPTIONS = ("preset", "method", "data", "epochs", "batch_size", "lr", "loader", "workers", "device",
+                 "compile", "set")
+_RESUMABLE_OPTIONS = ("data", "loader", "workers", "device", "compile")
+
+
+def _train_seeds(args) -> int:
+    """One run per seed in OUT/seed-S (started or resumed), then summary.json and the table."""
+    from pipeline.atomic import write_json
+    from tools.report_table import mean_std_table, print_table
+    from train.runner import train
+    if args.seeds and (args.seed is not None or "seed" in parse_overrides(args.set)):
+        raise DataError("--seeds and --seed (or --set seed=...) both choose the seed; give one.")
+    seeds_file = args.out / SEEDS_FILE
+    options = {k: getattr(args, k) for k in _SEED_OPTIONS}
+    if options["data"]:
+        options["data"] = str(Path(options["data"]).resolve())
+    if args.preset is None:  # resuming: the options the folder was started with
+        if not seeds_file.is_file():
+            raise DataError(f"{args.out}: no --seeds folder to resume there (no {SEEDS_FILE}); pass "
+                            f"--preset and --data to start one.")
+        saved = json.loads(seeds_file.read_text())
+        changes = {k: options[k] for k in _RESUMABLE_OPTIONS if options[k] is not None}
+        options = {**saved["options"], **changes, "set": saved["options"]["set"] + args.set}
+        seeds = saved["seeds"] if not args.seeds else parse_seeds(args.seeds)
+    else:
+        seeds = parse_seeds(args.seeds)
+    runs = []
+    for s in seeds:  # every setting is checked before anything is written
+        sub = argparse.Namespace(**{**vars(args), **options, "seeds": None, "seed": s,
+                                    "out": args.out / f"seed-{s}"})
+        runs.append((_resolve(sub, seed=s), sub.out))
+    if _is_main():
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(seeds_file, {"seeds": seeds, "options": options})
+    reports = [train(cfg, out) for cfg, out in runs]
+    if _is_main():
+        write_json(args.out / SUMMARY_FILE, seeds_summary(seeds, reports))
+        table = {"stage 1": [r["stage1"] for r in reports], "stage 2": [r["stage2"] for r in reports]}
+        print_table(mean_std_table(table, f"{args.out}: top-1 % over seeds {','.join(map(str, seeds))}"))
+    return 0
+
+
+def seeds_summary(seeds: list[int], reports: list[dict]) -> dict:
+    """summary.json of a --seeds folder: per stage the mean and sample std over the seeds of
+    top-1 and many / medium / few (tools.report_table.mean_std), and each seed's numbers."""
+    from tools.report_table import COLUMNS, mean_std
+    stages = [k for k in ("stage1", "stage2") if all(k in r for r in reports)]
+    return {"seeds": seeds, "runs": [f"seed-{s}" for s in seeds],
+            **{k: mean_std([r[k] for r in reports]) for k in stages},
+            "per_seed": {f"seed-{s}": {k: {c: r[k].get(c) for c in COLUMNS} for k in stages}
+                         for s, r in zip(seeds, reports)}}
 
 
 def _is_main() -> bool:
@@ -182,11 +235,30 @@ def cmd_eval(args) -> int:
     from pipeline.atomic import write_json
     from tools.report_table import print_table, results_table
     from train.runner import evaluate_run
+    if (args.run / SEEDS_FILE).is_file():
+        return _eval_seeds(args)
     result = evaluate_run(args.run, stage=args.stage, data=args.data, loader=args.loader)
     if _is_main():
         print_table(results_table({f"stage {args.stage}": result}, f"{args.run}: top-1 %"))
         if args.json:
             write_json(args.json, result)
+    return 0
+
+
+def _eval_seeds(args) -> int:
+    """`iccl eval --run OUT` on a --seeds folder: every seed's run, then mean ± std."""
+    from pipeline.atomic import write_json
+    from tools.report_table import mean_std, mean_std_table, print_table
+    from train.runner import evaluate_run
+    seeds = json.loads((args.run / SEEDS_FILE).read_text())["seeds"]
+    results = [evaluate_run(args.run / f"seed-{s}", stage=args.stage, data=args.data, loader=args.loader)
+               for s in seeds]
+    if _is_main():
+        print_table(mean_std_table({f"stage {args.stage}": results},
+                                   f"{args.run}: top-1 % over seeds {','.join(map(str, seeds))}"))
+        if args.json:
+            write_json(args.json, {"seeds": seeds, "mean": mean_std(results),
+                                   "per_seed": {f"seed-{s}": r for s, r in zip(seeds, results)}})
     return 0
 
 

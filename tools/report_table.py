@@ -45,5 +45,17 @@ def mean_std_table(runs: dict[str, list[dict]], title: str) -> Table:
     return table
 
 
+def mean_std(results: list[dict]) -> dict:
+    """Mean of each column over several seeds' evaluations, and its sample std as `<column>_std`
+    (when there are two or more), rounded to 0.01 point."""
+    out = {}
+    for k in COLUMNS:
+        vals = [r[k] for r in results if r.get(k) is not None]
+        out[k] = round(statistics.mean(vals), 2) if vals else None
+        if len(vals) > 1:
+            out[k + "_std"] = round(statistics.stdev(vals), 2)
+    return out
+
+
 def print_table(table: Table) -> None:
     Console().print(table)

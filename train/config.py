@@ -293,8 +293,8 @@ def resolve(preset: str | None = None, method: str | None = None,
     """The config of a run: the preset's recipe (or `base`, a saved run's settings), then the
     method's changes, then `explicit` typed values (dedicated flags; None: not given), then
     `overrides` (`--set` strings). A setting given both as a flag and with --set must agree, else
-    DataError. Changing `epochs` (either way) scales `warmup_epochs` (T_w) and `lr_steps` with it
-    unless they are given too. Everything is validated (`validate`) before it is returned."""
+    DataError. Changing `epochs` (either way) scales `warmup_epochs` (T_w), `lr_warmup_epochs` and
+    `lr_steps` with it (rounded) unless they are given too. Everything is validated (`validate`) before it is returned."""
     known = {f.name for f in fields(Config)}
     said = {}
     for key, text in (overrides or {}).items():
@@ -325,7 +325,8 @@ def resolve(preset: str | None = None, method: str | None = None,
     if epochs and epochs != values.get("epochs", _DEFAULTS.epochs) and base is None:
         # A shorter or longer run keeps the recipe's shape: T_w and the lr steps scale with it.
         f = epochs / values["epochs"]
-        values["warmup_epochs"] = round(values["warmup_epochs"] * f)
+        values["warmup_epochs"] = round(values.get("warmup_epochs", _DEFAULTS.warmup_epochs) * f)
+        values["lr_warmup_epochs"] = round(values.get("lr_warmup_epochs", _DEFAULTS.lr_warmup_epochs) * f)
         if "lr_steps" in values:  # cosine presets have no steps
             values["lr_steps"] = tuple(round(s * f) for s in values["lr_steps"])
     if "stage2" in given:  # a stage-2 choice brings its defaults before the other settings given

@@ -40,6 +40,7 @@ class Context:
     amp_dtype: torch.dtype | None
     val: ShardedSplit | None = None  # carved from the training split when cfg.val_fraction > 0
     _loaders: dict = field(default_factory=dict)
+    corrupt_images_said: bool = False  # train.loop says it once per run
 
     @property
     def num_classes(self) -> int:

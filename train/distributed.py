@@ -50,8 +50,10 @@ def init_from_env(device: torch.device) -> DistInfo:
 def shutdown() -> None:
     """Leave the process group (NCCL frees its communicators and warns when a process exits
     without this). Safe without a group, and to call twice; a later `init_from_env` joins anew."""
+    global _host_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _host_group = None
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -59,6 +61,25 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+_host_group = None
+
+
+def host_reduce(values: list[int], op: str = "max") -> list[int]:
+    """Small integers reduced over processes ("max", or "sum"), unchanged without a process
+    group: how every rank takes the same decision (checkpoint now, stop now) and counts agree.
+    It goes through a gloo group on the host, so the device is never synchronised (tens of
+    microseconds a call). Every rank must call it at the same point."""
+    global _host_group
+    if not dist.is_initialized():
+        return list(values)
+    if _host_group is None:
+        _host_group = (dist.group.WORLD if dist.get_backend() == "gloo"
+                       else dist.new_group(backend="gloo"))
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=_host_group)
+    return t.tolist()
 
 
 def barrier() -> None:

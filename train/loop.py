@@ -1,8 +1,12 @@
-"""The epoch / step loop shared by both stages: schedule, logging, progress, checkpoints, NaN guard.
+"""The epoch / step loop shared by both stages: schedule, logging, progress, checkpoints, NaN guard,
+stop signals, corrupt-image reporting.
 
 A stage object supplies `epochs`, `loader(epoch)`, `lr(epoch_float)`, `train_step(batch, epoch,
-step) -> loss tensor`, `optimizer`, `name`; the loop never syncs with the device except at logging
-points (every `log_every` steps), where it also checks that the loss is finite.
+step) -> loss tensor`, `optimizer`, `name`, and carries `skipped_images` (corrupt training images
+met so far, saved in checkpoints). The loop never syncs with the device except at logging points
+(every `log_every` steps), where it also checks that the loss is finite. After every step it looks
+at the clock (a checkpoint every `checkpoint_minutes`, whatever `log_every` is) and at the stop
+signals (`train.checkpoint.stop_signals`): both are host-side, agreed by all processes.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import torch
 
 from pipeline.errors import DataError
 from pipeline.progress import progress
-from train.distributed import all_reduce_sum
+from train.checkpoint import TrainingInterrupted, stop_requested
+from train.distributed import all_reduce_sum, host_reduce
 
 
 class TrainingDiverged(DataError):
@@ -55,18 +60,50 @@ def run_epochs(ctx, stage, start_epoch: int, start_step: int,
                     now = time.monotonic()
                     rate = n_since * stage.images_per_step * ctx.dist.world_size / max(now - t_log, 1e-9)
                     ctx.metrics.write(stage=stage.name, epoch=epoch, step=step + 1, steps=steps, loss=value,
-                                      lr=lr, images_per_s=round(rate, 1), skipped_images=loader.skipped)
+                                      lr=lr, images_per_s=round(rate, 1),
+                                      skipped_images=stage.skipped_images + loader.skipped)
                     epoch_losses.append((value, n_since))
                     loss_sum.zero_()
                     n_since, t_log = 0, now
                     bar.advance(0, extra=f"loss {value:.3f}  {rate:,.0f} img/s")
-                    if not last and now - last_save > 60 * cfg.checkpoint_minutes:
-                        save(epoch, step + 1)
-                        last_save = time.monotonic()
                 bar.advance(1)
+                if last:
+                    break
+                # Every step: two host-side checks, agreed by all processes (tens of microseconds).
+                due = time.monotonic() - last_save > 60 * cfg.checkpoint_minutes
+                due, stop = host_reduce([due, stop_requested() is not None])
+                if due or stop:
+                    _count_skipped(ctx, stage, loader)
+                    save(epoch, step + 1)
+                    last_save = time.monotonic()
+                if stop:
+                    _interrupted(ctx, stage, epoch, step + 1)
         start_step = 0
         mean = sum(v * n for v, n in epoch_losses) / max(sum(n for _, n in epoch_losses), 1)
         ctx.metrics.write(stage=stage.name, event="epoch", epoch=epoch, loss=mean)
+        _count_skipped(ctx, stage, loader)
         on_epoch_end(epoch)
         save(epoch + 1, 0)
         last_save = time.monotonic()
+        if host_reduce([stop_requested() is not None])[0] and epoch + 1 < stage.epochs:
+            _interrupted(ctx, stage, epoch + 1, 0)
+
+
+def _count_skipped(ctx, stage, loader) -> None:
+    """Move the loader's count of corrupt images into `stage.skipped_images` (summed over
+    processes); the first time in the run that any is met, say so on the console."""
+    met = host_reduce([loader.skipped], op="sum")[0]
+    loader.skipped = 0
+    stage.skipped_images += met
+    if met and not ctx.corrupt_images_said:
+        ctx.corrupt_images_said = True
+        ctx.say(f"{stage.name}: {stage.skipped_images} corrupt training image(s) met so far, replaced "
+                f"by readable images of the same class; report.json counts them per stage, and "
+                f"`iccl verify {ctx.cfg.data}` names them.")
+
+
+def _interrupted(ctx, stage, epoch: int, step: int):
+    where = f"{stage.name}, epoch {epoch + 1}, step {step}"
+    ctx.say(f"{stop_requested()}: saved {ctx.run_dir / 'checkpoint.pt'} at {where}; "
+            f"`iccl train --out {ctx.run_dir}` resumes from there.")
+    raise TrainingInterrupted(f"stopped by {stop_requested()} at {where}")

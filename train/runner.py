@@ -25,6 +25,7 @@ from model.pretrained import load_pretrained
 from pipeline.atomic import write_json
 from pipeline.errors import DataError
 from train import checkpoint
+from train.bn_stats import recompute_bn_stats
 from train.config import Config, load_config_json
 from train.context import Context, build_context
 from train.distributed import barrier
@@ -113,7 +114,8 @@ def train(cfg: Config, run_dir: Path, stage1_source: dict | None = None) -> dict
     check_resume_config(run_dir, cfg)
     ctx = build_context(cfg, run_dir)
     try:
-        return _train(ctx, stage1_source)
+        with checkpoint.stop_signals():
+            return _train(ctx, stage1_source)
     finally:
         ctx.close()
 
@@ -154,6 +156,7 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
             if ctx.dist.is_main:
                 checkpoint.save(ckpt_path, {"stage": stage_no, "epoch": epoch, "step": step,
                                             "num_classes": ctx.num_classes, "config": cfg.to_dict(),
+                                            "skipped_images": stage.skipped_images,
                                             **stage.state_dict()})
             barrier()
         return save
@@ -173,11 +176,14 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
         stage = Stage1(ctx, net, bank)
         if "net" in state:
             stage.load_state_dict(state)
+            stage.skipped_images = state.get("skipped_images", 0)
         run_epochs(ctx, stage, state["epoch"], state["step"], saver(1, stage), evaluator(stage, cfg.eval_every))
+        recompute_bn_stats(ctx, stage)  # before anything uses evaluation mode (see train.bn_stats)
         if ctx.dist.enabled:
             ctx.metrics.write(stage="stage1", event="centroid_check",
                               max_rank_difference=centroid_spread(bank.centroids))
         report["stage1"] = run_eval(ctx, net)
+        report["corrupt_training_images"] = {"stage1": stage.skipped_images}
         ctx.metrics.write(stage="stage1", event="eval", epoch=cfg.epochs - 1, **_short(report["stage1"]))
         if ctx.dist.is_main:
             checkpoint.save(run_dir / "stage1.pt",  # the centroids feed weight_norms.png
@@ -188,10 +194,11 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
         barrier()
         state = {"stage": 2, "epoch": 0, "step": 0, "net": net.state_dict()}
     if state["stage"] == 2:
-        report["stage2_choice"] = run_stage2(ctx, net, state,
-                                             stage1_path(run_dir) if not stage1_source else Path(source["stage1"]),
-                                             lambda stage: saver(2, stage),
-                                             lambda stage: evaluator(stage, cfg.eval_every))
+        choice = run_stage2(ctx, net, state,
+                            stage1_path(run_dir) if not stage1_source else Path(source["stage1"]),
+                            lambda stage: saver(2, stage), lambda stage: evaluator(stage, cfg.eval_every))
+        report.setdefault("corrupt_training_images", {})["stage2"] = choice.pop("corrupt_training_images", 0)
+        report["stage2_choice"] = choice
         report["stage2"] = run_eval(ctx, net)
         ctx.metrics.write(stage="stage2", event="eval", epoch=cfg.s2_epochs - 1, **_short(report["stage2"]))
         report["train_seconds_this_session"] = round(time.monotonic() - t0, 1)

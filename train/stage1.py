@@ -47,6 +47,7 @@ class Stage1:
         self.optimizer = sgd(cfg, [p for p in net.parameters() if p.requires_grad], cfg.scaled_lr(cfg.lr))
         self.epochs = cfg.epochs
         self.images_per_step = cfg.batch_size // ctx.dist.world_size
+        self.skipped_images = 0  # corrupt training images met (train.loop counts them)
 
     def phase(self, epoch: int) -> str:
         return stage1_phase(self.cfg.method, epoch, self.cfg.warmup_epochs)
@@ -69,15 +70,23 @@ class Stage1:
         return LossWeights(w_u=cfg.w_u if phase != "iccl" else cfg.w_u_after_warmup,
                            w_il=cfg.w_il, tau=cfg.tau)
 
+    def _inputs(self, batch, epoch: int, step: int, phase: str):
+        """(x_a, x_mix, lam): normalised clean images, and in the interpolative phase the mixed
+        images and their lambdas (None otherwise)."""
+        if phase != "iccl":
+            return self.ctx.normalize(batch.x_a), None, None
+        lam = self.ctx.lambdas(epoch, step, batch.x_a.shape[0])
+        return (*self.ctx.mix(batch.x_a, batch.x_c, lam), lam)
+
+    def forward_inputs(self, batch, epoch: int, step: int) -> torch.Tensor:
+        """What the network's forward sees at this step: x_a, or the fused [x_a; x_mix]."""
+        x_a, x_mix, _ = self._inputs(batch, epoch, step, self.phase(epoch))
+        return x_a if x_mix is None else torch.cat([x_a, x_mix])
+
     def train_step(self, batch, epoch: int, step: int) -> torch.Tensor:
         ctx, phase = self.ctx, self.phase(epoch)
         self.model.train()
-        x_mix = lam = None
-        if phase == "iccl":
-            lam = ctx.lambdas(epoch, step, batch.x_a.shape[0])
-            x_a, x_mix = ctx.mix(batch.x_a, batch.x_c, lam)
-        else:
-            x_a = ctx.normalize(batch.x_a)
+        x_a, x_mix, lam = self._inputs(batch, epoch, step, phase)
         with ctx.autocast():
             loss, z_a = stage1_loss(self.model, self.bank.centroids, phase, x_a, batch.y_a,
                                     x_mix, batch.y_c, lam, self.weights(phase))

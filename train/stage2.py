@@ -74,6 +74,7 @@ class Stage2:
         self.optimizer = sgd(cfg, params, cfg.scaled_lr(cfg.s2_lr))
         self.epochs = cfg.s2_epochs
         self.images_per_step = cfg.batch_size // ctx.dist.world_size
+        self.skipped_images = 0  # corrupt training images met (train.loop counts them)
 
     def loader(self, epoch: int):
         return self.ctx.train_loader(uniform=False, class_aware_gamma=self.cfg.s2_gamma,

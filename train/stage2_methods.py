@@ -28,7 +28,8 @@ TUNED = STAGE2_TUNED
 def run_stage2(ctx, net, state: dict, stage1_path, make_saver: Callable, make_evaluator: Callable) -> dict:
     """Rebalance `net` (loaded from `state`) in place as `ctx.cfg.stage2` says; resumable through
     `make_saver(stage)` for the choices that train one candidate. Returns what was chosen:
-    {"stage2": choice, "chosen": {name: value}, "val_top1_by_value": {value: class-mean top-1 %}}."""
+    {"stage2": choice, "chosen": {name: value}, "val_top1_by_value": {value: class-mean top-1 %},
+    "corrupt_training_images": count met while training (choices that train)}."""
     cfg = ctx.cfg
     net.load_state_dict(state["net"])
     info = {"stage2": cfg.stage2}
@@ -47,17 +48,21 @@ def run_stage2(ctx, net, state: dict, stage1_path, make_saver: Callable, make_ev
         stage = Stage2(ctx, net, teacher, eps_head=grid[0])
         if "optimizer" in state:
             stage.load_state_dict(state)
+            stage.skipped_images = state.get("skipped_images", 0)
         run_epochs(ctx, stage, state["epoch"], state["step"], make_saver(stage), make_evaluator(stage))
         stage.finish()
+        info["corrupt_training_images"] = stage.skipped_images
         return {**info, "chosen": {TUNED[cfg.stage2][1]: grid[0]}} if cfg.stage2 in TUNED else info
     # A search trains every candidate from the same stage-1 weights. Its candidates are not
     # checkpointed mid-way: an interrupted search starts again (each is one short stage 2).
     start = copy.deepcopy(net.state_dict())
     scores, best = {}, None
+    info["corrupt_training_images"] = 0
     for value in grid:
         net.load_state_dict(start)
         stage = Stage2(ctx, net, teacher, eps_head=value)
         run_epochs(ctx, stage, 0, 0, lambda epoch, step: None, lambda epoch: None)
+        info["corrupt_training_images"] += stage.skipped_images
         stage.finish()
         scores[value] = val_top1(ctx, _val_features(ctx, net), *_weights(net))
         ctx.say(f"stage 2 {cfg.stage2}: {TUNED[cfg.stage2][1]} = {value}: "
