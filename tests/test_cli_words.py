@@ -72,8 +72,8 @@ def test_convert_and_info_report_the_same_size(tmp_path, capsys):
     for split in ("train", "test"):
         row = [ln for ln in converted.splitlines() if ln.strip().startswith(split)][0]
         row_info = [ln for ln in info.splitlines() if ln.strip().startswith(split)][0]
-        shards = json.loads((out / "meta.json").read_text())["splits"][split]["num_shards"]
-        expected = _human_bytes(split_bytes(out, split, shards))
+        split_meta = json.loads((out / "meta.json").read_text())["splits"][split]
+        expected = _human_bytes(split_bytes(out, split, split_meta))
         assert SIZE.findall(row) == SIZE.findall(row_info) == [expected]
     on_disk = sum(p.stat().st_size for p in (out / "train").glob("[!.]*"))
     assert dataset_info(out)["splits"]["train"]["bytes"] == on_disk

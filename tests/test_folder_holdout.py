@@ -17,12 +17,12 @@ from tools.cli import main
 
 
 def _tree(root: Path, sizes: dict[str, int]) -> None:
-    """ROOT/<class>/NNN.png, tiny solid images; one image per class sits in a subfolder."""
+    """ROOT/<class>/NNN.png, small solid images (8 px: the smallest side conversion keeps); one image per class sits in a subfolder."""
     for name, n in sizes.items():
         for i in range(n):
             path = root / name / ("deep" if i == 0 else "") / f"{i:03d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (4, 4), (i % 256, 0, 0)).save(path)
+            Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(path)
 
 
 def _rel(root: Path, items) -> list[str]:
