@@ -77,7 +77,14 @@ def hwc(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
-K = 4  # classes of `train_tiny_run`
+K = 4  # classes of `make_tiny_lt` and `train_tiny_run`
+
+
+def make_tiny_lt(root: Path) -> Path:
+    """A converted 4-class 32-px long-tailed dataset at `root`: train counts 24 / 12 / 8 / 4, and 16
+    balanced test images. The tests' small training runs use it."""
+    return make_converted(root, {"train": (random_images(48, 32, seed=1), np.repeat(np.arange(K), [24, 12, 8, 4])),
+                                 "test": (random_images(16, 32, seed=2), np.arange(16) % K)}, K)
 
 
 def train_tiny_run(root: Path) -> dict:
@@ -87,9 +94,7 @@ def train_tiny_run(root: Path) -> dict:
     from PIL import Image
     from train.config import resolve
     from train.runner import train
-    data = make_converted(root / "data", {
-        "train": (random_images(48, 32, seed=1), np.repeat(np.arange(K), [24, 12, 8, 4])),
-        "test": (random_images(16, 32, seed=2), np.arange(16) % K)}, K)
+    data = make_tiny_lt(root / "data")
     cfg = resolve("synthetic-lt", "iccl", {"lr_warmup_epochs": "0", "lr_steps": "1", "checkpoint_minutes": "0",
                                            "tensorboard": "true"},
                   data=str(data), epochs=2, warmup_epochs=1, batch_size=16, s2_epochs=1, loader="resident",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_converted, random_images
+from helpers import K, make_converted, make_tiny_lt, random_images
 from pipeline.errors import DataError
 from tools.cli import main as cli
 from train import checkpoint
@@ -16,16 +16,11 @@ from train.config import resolve
 from train.loop import TrainingDiverged
 from train.runner import evaluate_run, train
 
-K = 4
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    labels = np.repeat(np.arange(K), [24, 12, 8, 4])
-    make_converted(root, {"train": (random_images(48, 32, seed=1), labels),
-                          "test": (random_images(16, 32, seed=2), np.arange(16) % K)}, K)
-    return root
+    return make_tiny_lt(tmp_path_factory.mktemp("tiny"))
 
 
 def _cfg(data, **kw):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_converted, random_images
+from helpers import K, make_converted, make_tiny_lt, random_images
 from model.network import build_network
 from pipeline.dataset import ShardedSplit
 from tools.cli import main as cli
@@ -28,17 +28,12 @@ from train.config import resolve
 from train.metrics import read as read_metrics
 from train.runner import train
 
-K = 4
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    labels = np.repeat(np.arange(K), [24, 12, 8, 4])
-    make_converted(root, {"train": (random_images(48, 32, seed=1), labels),
-                          "test": (random_images(16, 32, seed=2), np.arange(16) % K)}, K)
-    return root
+    return make_tiny_lt(tmp_path_factory.mktemp("tiny"))
 
 
 def _cfg(data, method="iccl", **overrides):
