@@ -174,7 +174,8 @@ def draw_per_class(data: dict, path: Path, title: str) -> Path:
     ax.set_xscale("log")
     ax.set_xlim(max(0.5, data["counts"].min() / 1.5) if len(data["counts"]) else 0.5,
                 data["bands"][-1][2] if data["bands"] else None)
-    ax.legend(fontsize="small", loc="lower right")
+    # below the axes, so that it never hides a class
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, frameon=False)
     ax.set_ylim(-3, 103)
     ax.set_xlabel("training images of the class (log scale)")
     ax.set_ylabel("top-1 accuracy of the class (%)")
