@@ -15,6 +15,9 @@ from torch import nn
 
 __all__ = ["load_pretrained", "read_weights"]
 
+# Names under which torchvision and timm models keep their classifier: a weights file's own head is
+# expected to be left out; any other tensor the encoder lacks means another architecture.
+HEAD_PREFIXES = ("fc.", "head.", "classifier.", "last_linear.", "pre_logits.")
 _WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")  # training checkpoints nest the weights
 
 
@@ -30,7 +33,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ValueError: the value is not a local file (nothing is downloaded), or the file holds no
             tensors this function can read.
     """
-    text = os.fspath(path)
+    text = os.path.expanduser(os.fspath(path))  # `--set pretrained=~/w.pth`: no shell expands that `~`
     if "://" in text or text.startswith("hf-hub:") or not Path(text).is_file():
         raise ValueError(
             f"pretrained={text}: not a local file. Nothing is downloaded at run time: download the "
@@ -43,7 +46,8 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(text, map_location="cpu", weights_only=True)
     except Exception as e:  # any reader failure means the file is not a weights file it can read
-        raise ValueError(f"pretrained={text}: not a readable weights file ({type(e).__name__}: {e}). "
+        first = (str(e).strip().splitlines() or [""])[0]  # torch's own advice below it is not ours
+        raise ValueError(f"pretrained={text}: not a readable weights file ({type(e).__name__}: {first}). "
                          f"Pass a .pth state dict or a .safetensors file.") from None
     while isinstance(state, Mapping):
         nested = next((state[k] for k in _WRAPPERS if isinstance(state.get(k), Mapping)), None)
@@ -68,7 +72,8 @@ def load_pretrained(encoder: nn.Module, path: str | os.PathLike) -> dict:
 
     Raises:
         ValueError: as `read_weights`; or a tensor whose shape differs from the encoder's (names
-            them); or no tensor of the file fits (a file for another architecture).
+            them); or no tensor of the file fits, or the file has tensors that are neither the
+            encoder's nor a classifier head's (`HEAD_PREFIXES`): a file for another architecture.
     """
     state = read_weights(path)
     own = encoder.state_dict()
@@ -79,6 +84,12 @@ def load_pretrained(encoder: nn.Module, path: str | os.PathLike) -> dict:
                          f"than the encoder's ({'; '.join(mismatched[:3])}). Is the file for this "
                          f"architecture?")
     fits = {k: state[k] for k in own if k in state}
+    extra = [k for k in state if k not in own and not k.startswith(HEAD_PREFIXES)]
+    if fits and extra:
+        raise ValueError(f"pretrained={os.fspath(path)}: {len(extra)} of its tensors are not in this "
+                         f"encoder nor a classifier head (e.g. {', '.join(extra[:3])}): the file is for "
+                         f"another architecture (such as resnet34 weights for arch=resnet18). Pass weights "
+                         f"of this architecture.")
     if not fits:
         raise ValueError(f"pretrained={os.fspath(path)}: none of its {len(state)} tensors names an "
                          f"encoder tensor (the file has e.g. {', '.join(list(state)[:3])}; the encoder "

@@ -165,3 +165,21 @@ def test_nothing_is_downloaded_and_wrong_files_are_named(tmp_path):
     torch.save({"features.0.weight": torch.zeros(3)}, tmp_path / "vgg.pth")
     with pytest.raises(ValueError, match="none of its 1 tensors names an encoder tensor"):
         load_pretrained(net.encoder, tmp_path / "vgg.pth")
+
+
+def test_weights_of_a_deeper_relative_and_unreadable_files_are_refused_in_one_line(tmp_path, monkeypatch):
+    net = build_network("resnet32", 10, 16)
+    own = net.encoder.state_dict()
+    # resnet34 weights for resnet18 fit every tensor of the smaller net and add blocks it lacks
+    torch.save({**own, "layer3.5.conv1.weight": torch.zeros(64, 64, 3, 3), "fc.weight": torch.zeros(1, 64)},
+               tmp_path / "deeper.pth")
+    with pytest.raises(ValueError, match=r"1 of its tensors are not in this encoder nor a classifier head "
+                                         r"\(e\.g\. layer3\.5\.conv1\.weight\): the file is for another"):
+        load_pretrained(net.encoder, tmp_path / "deeper.pth")
+    (tmp_path / "notes.pth").write_text("plain text\n" * 3)
+    with pytest.raises(ValueError) as e:
+        load_pretrained(net.encoder, tmp_path / "notes.pth")
+    assert "not a readable weights file" in str(e.value) and "\n" not in str(e.value)
+    torch.save(own, tmp_path / "mine.pth")  # `--set pretrained=~/...`: no shell expands that `~`
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_pretrained(net.encoder, "~/mine.pth")["loaded"] == len(own)

@@ -228,3 +228,22 @@ def test_export_program_takes_any_batch_size(run, tmp_path):
     torch.testing.assert_close(program(x[:1]), full[:1], atol=1e-5, rtol=0)
     with pytest.raises(DataError, match="--force"):
         export_run(run["run"], out)
+
+
+def test_output_places_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    from tools.cli import main
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "r"  # need not exist: the places are refused first
+    for out in (".", str(tmp_path), str(run), str(run.parent)):
+        assert main(["export", "--run", str(run), "--out", out, "--force"]) == 2
+        assert "which an export never replaces" in capsys.readouterr().err
+    assert main(["predict", "--run", str(run), "x.jpg", "--out", str(tmp_path / "missing" / "p.csv")]) == 2
+    assert "is not a folder this user can write to" in capsys.readouterr().err
+
+
+def test_csv_keeps_class_names_from_non_utf8_folder_names(tmp_path):
+    from train.predict import Row, write_rows
+    name = b"bad\xff\xfename".decode("utf-8", "surrogateescape")  # as os.listdir gives it
+    write_rows([Row(path="a.jpg", classes=[name, "cat"], probs=[0.75, 0.25])], 5, tmp_path / "p.csv")
+    data = (tmp_path / "p.csv").read_bytes()
+    assert b"bad\xff\xfename,0.75,cat,0.25" in data and data.count(b"\n") == 2

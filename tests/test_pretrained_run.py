@@ -60,4 +60,4 @@ def test_cli_errors_exit_2_with_the_fix(tiny, tmp_path, capsys, setting, message
                 "--epochs", "1", "--batch-size", "8", "--set", setting, "--set", "loader=resident"])
     assert code == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "r" / "config.json").exists()  # refused before anything is written
+    assert not (tmp_path / "r").exists()  # refused before anything is written, the folder included

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 PREDICT_EXAMPLES = """\
@@ -61,9 +62,16 @@ def cmd_predict(args) -> int:
     from train.predict import OUTPUT_FORMATS, iter_summary, predict, write_rows
     if args.out is not None and args.out.suffix.lower() not in OUTPUT_FORMATS:
         raise DataError(f"--out {args.out}: name a .csv or .json file")
+    if args.out is not None:  # checked before the work, not after it
+        folder = args.out.parent.resolve()
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise DataError(f"--out {args.out}: {folder} is not a folder this user can write to; create "
+                            f"it or choose another --out.")
     rows = predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size, amp=args.amp,
                    device=args.device)
-    text = write_rows(rows, args.top_k, args.out)
+    # a run of K classes has at most K to list, whatever --top-k asked for
+    top_k = min(args.top_k, max((len(r.classes) for r in rows), default=args.top_k))
+    text = write_rows(rows, top_k, args.out)
     if text is not None:
         print(text, end="")
     for line in iter_summary(rows):

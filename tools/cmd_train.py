@@ -100,7 +100,8 @@ def register(sub) -> None:
                                    "train ICCL through both stages and print the many / medium / few table. "
                                    "Rerunning resumes; nothing is downloaded.")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="where data and run go (runs/demo)")
-    d.add_argument("--method", choices=METHODS, default="iccl")
+    d.add_argument("--method", choices=METHODS, default="iccl",
+                   help="iccl (default), or ce: plain cross-entropy then cRT, for comparison")
     d.add_argument("--epochs", type=int, help="stage-1 epochs (default: the synthetic-lt preset's)")
     d.set_defaults(handler=cmd_demo)
 

@@ -64,9 +64,13 @@ def transform_record(cfg: Config) -> dict:
 def export_run(run_dir: Path, out: Path, force: bool = False) -> Path:
     """Write the export folder `out` for the final model of `run_dir`; returns `out`.
 
-    Raises DataError when the run has no final.pt, or `out` exists, is not empty and `force` is
-    not set (or is a file)."""
+    Raises DataError when the run has no final.pt, `out` is the current folder, the run or a folder
+    above them, or `out` exists, is not empty and `force` is not set (or is a file)."""
     out = Path(out)
+    here, run = Path.cwd().resolve(), Path(run_dir).resolve()
+    if out.resolve() in (here, *here.parents, run, *run.parents):
+        raise DataError(f"--out {out}: is the current folder, the run or a folder holding them, which an "
+                        f"export never replaces. Choose a new folder, e.g. --out exported/{run.name}.")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
         raise DataError(f"--out {out}: exists and is not an empty folder. Choose a new folder, or pass "
                         f"--force to replace it.")

@@ -221,9 +221,10 @@ def draw_curves(data: dict, path: Path) -> Path:
     fig, (loss_ax, lr_ax, eval_ax) = _figure(3, 3.0)
     for stage, s in data["steps"].items():
         colour = STAGE_COLOURS.get(stage, "grey")
-        loss_ax.plot(s["x"], s["loss"], color=colour, alpha=0.5, lw=1, label=f"{stage} (logged steps)")
+        # markers too, so that a short run with one logged step per stage still shows its points
+        loss_ax.plot(s["x"], s["loss"], ".-", ms=3, color=colour, alpha=0.5, lw=1, label=f"{stage} (logged steps)")
         lr = np.asarray(s["lr"])
-        lr_ax.plot(np.asarray(s["x"])[lr > 0], lr[lr > 0], color=colour, label=stage)
+        lr_ax.plot(np.asarray(s["x"])[lr > 0], lr[lr > 0], ".-", ms=3, color=colour, label=stage)
     for stage, s in data["epochs"].items():
         loss_ax.plot(s["x"], s["loss"], "o-", ms=3, color=STAGE_COLOURS.get(stage, "grey"),
                      label=f"{stage} (epoch mean)")

@@ -267,8 +267,8 @@ def write_rows(rows: list[Row], top_k: int, out: Path | None) -> str | None:
         writer.writerow([r.path, "" if r.sample is None else r.sample, r.label or ""] + cells + [r.error or ""])
     if out is None:
         return buf.getvalue()
-    with atomic_open(out, "w") as f:
-        f.write(buf.getvalue())
+    with atomic_open(out, "wb") as f:  # names from non-UTF-8 folder names keep their original bytes
+        f.write(buf.getvalue().encode("utf-8", "surrogateescape"))
     return None
 
 

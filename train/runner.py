@@ -112,12 +112,19 @@ def train(cfg: Config, run_dir: Path, stage1_source: dict | None = None) -> dict
     `train.stage2_from.stage2_run_config`) starts a new run at stage 2 from another run's stage 1."""
     run_dir = Path(run_dir)
     check_resume_config(run_dir, cfg)
-    ctx = build_context(cfg, run_dir)
+    new_folder = not run_dir.exists()
     try:
-        with checkpoint.stop_signals():
-            return _train(ctx, stage1_source)
-    finally:
-        ctx.close()
+        ctx = build_context(cfg, run_dir)
+        try:
+            with checkpoint.stop_signals():
+                return _train(ctx, stage1_source)
+        finally:
+            ctx.close()
+    except DataError:
+        # A run refused before it wrote anything leaves nothing behind, not even its empty folder.
+        if new_folder and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
 
 
 def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
