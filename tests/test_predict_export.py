@@ -247,3 +247,19 @@ def test_csv_keeps_class_names_from_non_utf8_folder_names(tmp_path):
     write_rows([Row(path="a.jpg", classes=[name, "cat"], probs=[0.75, 0.25])], 5, tmp_path / "p.csv")
     data = (tmp_path / "p.csv").read_bytes()
     assert b"bad\xff\xfename,0.75,cat,0.25" in data and data.count(b"\n") == 2
+
+
+def test_seeds_folders_are_named_as_such_by_predict_export_and_stage2(tmp_path, capsys):
+    from tools.cli import main
+    from train.inference import resume_target
+    seeds = tmp_path / "seeds"
+    (seeds / "seed-3").mkdir(parents=True)
+    (seeds / "seeds.json").write_text('{"seeds": [3], "options": {}}')
+    assert resume_target(seeds / "seed-3") == seeds and resume_target(tmp_path / "x") == tmp_path / "x"
+    for argv in (["predict", "--run", str(seeds), "a.jpg"], ["export", "--run", str(seeds), "--out", str(tmp_path / "e")]):
+        assert main(argv) == 2
+        assert f"a --seeds folder, one run per seed; pass one of them, e.g. {seeds / 'seed-3'}" in capsys.readouterr().err
+    assert main(["stage2", "--from", str(seeds), "--out", str(tmp_path / "s2"), "--set", "stage2=lws"]) == 2
+    assert "a --seeds folder; pass --choices CHOICE" in capsys.readouterr().err
+    assert main(["stage2", "--from", str(tmp_path / "nope"), "--out", str(tmp_path / "s2"), "--set", "stage2=lws"]) == 2
+    assert "no such folder" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.errors import DataError
 from pipeline.loaders import LOADER_CHOICES
-from train.config import METHODS, PRESETS
+from train.config import METHODS, PRESETS, SEEDS_FILE
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -173,7 +173,6 @@ def cmd_train(args) -> int:
 # A --seeds folder: OUT/seed-S/ holds one run per seed; OUT/seeds.json the seeds and the options
 # they were started with (so `iccl train --out OUT` resumes them all); OUT/summary.json the mean
 # and std over the seeds once all are done.
-SEEDS_FILE = "seeds.json"
 SUMMARY_FILE = "summary.json"
 _SEED_OPTIONS = ("preset", "method", "data", "epochs", "batch_size", "lr", "loader", "workers", "device",
                  "compile", "set")

@@ -180,6 +180,9 @@ STAGE2_DEFAULTS: dict[str, dict] = {
 CE_OVERRIDES = dict(STAGE2_DEFAULTS["crt"], stage2="crt")
 
 
+# A --seeds folder holds one run per seed in seed-S/ and this file (the seeds and their options).
+SEEDS_FILE = "seeds.json"
+
 METHODS = ("iccl", "ce")
 SCHEDULES = ("step", "cosine")
 AUGMENTS = ("pad_crop", "rrc")

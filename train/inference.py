@@ -16,7 +16,7 @@ from model.network import ICCLNet, build_network
 from pipeline.errors import DataError
 from pipeline.mixing import normalize
 from train import checkpoint
-from train.config import Config
+from train.config import SEEDS_FILE, Config
 
 
 def autocast_for(device: torch.device, amp_dtype: torch.dtype | None) -> ContextManager:
@@ -54,16 +54,27 @@ def stage1_path(run_dir: Path) -> Path:
     return Path(source["stage1"]) if source else Path(run_dir) / "stage1.pt"
 
 
+def resume_target(run_dir: Path) -> Path:
+    """What `iccl train --out` resumes a run with: its --seeds folder when it is one seed's run
+    (resuming that alone would leave the other seeds and the summary undone), else the run."""
+    run_dir = Path(run_dir)
+    return run_dir.parent if (run_dir.parent / SEEDS_FILE).is_file() else run_dir
+
+
 def saved_model_path(run_dir: Path, stage: int = 2) -> Path:
     """final.pt (stage 2, the rebalanced model) or the stage-1 model of a run (`stage1_path`), with
     clear errors when the run directory or the model is missing."""
     run_dir = Path(run_dir)
+    if (run_dir / SEEDS_FILE).is_file():
+        seeds = json.loads((run_dir / SEEDS_FILE).read_text())["seeds"]
+        raise DataError(f"{run_dir}: a --seeds folder, one run per seed; pass one of them, e.g. "
+                        f"{run_dir / f'seed-{seeds[0]}'}.")
     if not (run_dir / "config.json").is_file():
         raise DataError(f"{run_dir}: not a run directory (no config.json). Pass the --out of `iccl train`.")
     path = run_dir / "final.pt" if stage == 2 else stage1_path(run_dir)
     if not path.is_file():
         raise DataError(f"{path}: missing; stage {stage} of this run has not finished. Resume it with "
-                        f"`iccl train --out {run_dir}`.")
+                        f"`iccl train --out {resume_target(run_dir)}`.")
     return path
 
 

@@ -20,6 +20,7 @@ from pipeline.errors import DataError
 from pipeline.progress import progress
 from train.checkpoint import TrainingInterrupted, stop_requested
 from train.distributed import all_reduce_sum, host_reduce
+from train.inference import resume_target
 
 
 class TrainingDiverged(DataError):
@@ -105,5 +106,5 @@ def _count_skipped(ctx, stage, loader) -> None:
 def _interrupted(ctx, stage, epoch: int, step: int):
     where = f"{stage.name}, epoch {epoch + 1}, step {step}"
     ctx.say(f"{stop_requested()}: saved {ctx.run_dir / 'checkpoint.pt'} at {where}; "
-            f"`iccl train --out {ctx.run_dir}` resumes from there.")
+            f"`iccl train --out {resume_target(ctx.run_dir)}` resumes from there.")
     raise TrainingInterrupted(f"stopped by {stop_requested()} at {where}")

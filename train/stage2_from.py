@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.errors import DataError
 from train import checkpoint
-from train.config import STAGE2_FIELDS, Config, resolve
+from train.config import SEEDS_FILE, STAGE2_FIELDS, Config, resolve
 from train.inference import stage1_path
 from train.runner import RESUMABLE_CHANGES
 
@@ -24,6 +24,11 @@ def stage2_run_config(source_run: Path, overrides: dict[str, str],
     `explicit` typed speed settings (data, loader, workers, device). Raises DataError when RUN has no
     finished stage 1 or an override would change stage 1."""
     source_run = Path(source_run).resolve()
+    if not source_run.is_dir():
+        raise DataError(f"--from {source_run}: no such folder; pass the --out of an `iccl train` run.")
+    if (source_run / SEEDS_FILE).is_file():
+        raise DataError(f"--from {source_run}: a --seeds folder; pass --choices CHOICE for one stage 2 per "
+                        f"seed, or --from {source_run}/seed-S for one of its runs.")
     path = stage1_path(source_run)
     if not path.is_file():
         raise DataError(f"{path}: missing; the stage 1 of {source_run} has not finished (resume it with "
