@@ -171,3 +171,8 @@ def test_flag_and_set_must_agree_and_a_saved_run_is_checked_again():
         resolve(base={**saved, "tau": -1.0})  # a config.json edited by hand
     with pytest.raises(DataError, match="epochs=1.5: expected a value like 200"):
         resolve(base={**saved, "epochs": 1.5})
+
+
+def test_a_misspelt_setting_gets_the_nearest_name():
+    with pytest.raises(DataError, match="--set arhc=...: no such setting; did you mean arch?"):
+        resolve("cifar10-lt", overrides={"arhc": "resnet18"})

@@ -182,6 +182,7 @@ _RESUMABLE_OPTIONS = ("data", "loader", "workers", "device", "compile")
 def _train_seeds(args) -> int:
     """One run per seed in OUT/seed-S (started or resumed), then summary.json and the table."""
     from pipeline.atomic import write_json
+    from pipeline.progress import say
     from tools.report_table import mean_std_table, print_table
     from train.runner import train
     if args.seeds and (args.seed is not None or "seed" in parse_overrides(args.set)):
@@ -208,7 +209,10 @@ def _train_seeds(args) -> int:
     if _is_main():
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(seeds_file, {"seeds": seeds, "options": options})
-    reports = [train(cfg, out) for cfg, out in runs]
+    reports = []
+    for k, (cfg, out) in enumerate(runs):
+        say(f"seed {cfg.seed} ({k + 1} of {len(runs)}): {out}")
+        reports.append(train(cfg, out))
     if _is_main():
         write_json(args.out / SUMMARY_FILE, seeds_summary(seeds, reports))
         table = {"stage 1": [r["stage1"] for r in reports], "stage 2": [r["stage2"] for r in reports]}

@@ -7,6 +7,7 @@ resumed and evaluated without repeating its options.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, fields
@@ -302,7 +303,9 @@ def resolve(preset: str | None = None, method: str | None = None,
     said = {}
     for key, text in (overrides or {}).items():
         if key not in known:
-            raise DataError(f"--set {key}=...: no such setting. Settings: {', '.join(sorted(known))} "
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise DataError(f"--set {key}=...: no such setting; {hint}Settings: {', '.join(sorted(known))} "
                             f"(`iccl train --list-settings` shows them with their values)")
         said[key] = _parse_value(key, text)
     flags = {k: v for k, v in dict(explicit, preset=preset, method=method).items() if v is not None}
