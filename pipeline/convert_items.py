@@ -140,7 +140,9 @@ def _decode_and_encode(data: bytes, is_png: bool, max_side: int | None, quality:
     except BadItem:
         raise
     except Exception as e:  # any decoder failure means the file is damaged or not an image
-        raise BadItem(f"not a readable image ({type(e).__name__}: {e})") from None
+        # Pillow names the in-memory buffer ("<_io.BytesIO object at 0x...>"); the item is named by the caller
+        said = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+        raise BadItem(f"not a readable image ({type(e).__name__}: {said})") from None
     size = rgb.width * rgb.height
     target = stored_size(rgb.width, rgb.height, max_side)
     if target:

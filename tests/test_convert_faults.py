@@ -252,3 +252,12 @@ def test_verify_flags_stored_images_too_small_for_the_loaders(tmp_path):
                                                         np.arange(4) % 2)}, 2)
     problems = verify(root, workers=1)
     assert len(problems) == 1 and "000000003.png is 4x4 pixels" in problems[0]
+
+
+def test_an_unreadable_file_is_described_without_python_reprs(tmp_path):
+    from pipeline.convert_items import BadItem, _from_file
+    path = tmp_path / "notes.jpg"
+    path.write_text("not an image")
+    with pytest.raises(BadItem) as e:
+        _from_file(str(path), None, 90)
+    assert str(e.value) == "not a readable image (UnidentifiedImageError: cannot identify image file)"
