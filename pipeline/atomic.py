@@ -51,10 +51,10 @@ def output_dir(path: str | os.PathLike, flag: str = "--out", probe: bool = True)
         raise DataError(f"{flag} {path}: is a file, not a folder. Choose a new or existing folder.")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        if probe:
-            with atomic_open(path / ".write-probe"):
+        if probe:  # one name per process: the ranks of a multi-process run probe the same folder
+            with atomic_open(path / f".write-probe-{os.getpid()}"):
                 pass
-            (path / ".write-probe").unlink()
+            (path / f".write-probe-{os.getpid()}").unlink()
     except OSError as e:
         raise DataError(f"{flag} {path}: cannot write there ({e.strerror or e}). Choose a folder on a "
                         f"writable filesystem where you have write permission.") from e

@@ -92,6 +92,10 @@ def test_rerun_resumes_and_changing_stage1_or_tuning_without_validation_is_refus
     assert _stage2(runs, tmp_path / "y", "stage2=nope") == 2
     assert "choose one of" in capsys.readouterr().err
     assert cli(["-q", "stage2", "--from", str(tmp_path / "nothing"), "--out", str(tmp_path / "z")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.json").write_text("{}")
+    assert cli(["-q", "stage2", "--from", str(tmp_path / "unfinished"), "--out", str(tmp_path / "z")]) == 2
     assert "stage1.pt: missing" in capsys.readouterr().err
     with pytest.raises(Exception, match="val_fraction"):
         resolve("synthetic-lt", overrides={"stage2": "logit_adjust"})

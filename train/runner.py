@@ -13,6 +13,7 @@ Run directory:
 from __future__ import annotations
 
 import json
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -121,8 +122,10 @@ def train(cfg: Config, run_dir: Path, stage1_source: dict | None = None) -> dict
         finally:
             ctx.close()
     except DataError:
-        # A run refused before it wrote anything leaves nothing behind, not even its empty folder.
-        if new_folder and run_dir.is_dir() and not any(run_dir.iterdir()):
+        # A run refused before it wrote anything leaves nothing behind, not even its empty folder
+        # (removed by the process that owns the run directory, rank 0, never by the others).
+        if new_folder and int(os.environ.get("RANK", "0")) == 0 and run_dir.is_dir() \
+                and not any(run_dir.iterdir()):
             run_dir.rmdir()
         raise
 
