@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from pipeline import codecs
 from pipeline.atomic import atomic_open
@@ -98,10 +98,11 @@ def load_predictor(run_dir: Path, top_k: int = 5, amp: str | None = None, device
 
 # --- inputs -------------------------------------------------------------------------------------
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB, upright: the EXIF orientation is applied (Pillow's
-    `ImageOps.exif_transpose`), as a photo viewer shows it. Raises whatever Pillow raises."""
+    """An image file as (H, W, 3) uint8 RGB, upright: the EXIF orientation is applied as at
+    conversion (`pipeline.codecs.exif_upright`), as a photo viewer shows it. Raises whatever Pillow
+    raises."""
     with Image.open(path) as im:
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        return np.asarray(codecs.exif_upright(im)[0].convert("RGB"))
 
 
 def images_under(folder: Path) -> list[Path]:
