@@ -101,6 +101,28 @@ def test_context_draws_beta_a_b_from_the_config():
     assert abs(lam.mean().item() - 0.2 / 1.2) < 5 * lam.std().item() / np.sqrt(len(lam))
 
 
+def test_one_lambda_per_batch_is_beta_over_steps_and_the_same_on_every_rank():
+    """lambda_per=batch: every sample of a step (on every rank) shares one lambda; over 4,000 steps
+    the shared lambdas are Beta(2, 2) (mean 0.5, variance 0.05, within 5 standard errors)."""
+    from types import SimpleNamespace
+
+    from train.config import resolve
+    from train.context import Context
+    cfg = resolve("cifar10-lt", overrides={"alpha": "2", "alpha_b": "2", "lambda_per": "batch"})
+    ranks = []
+    for rank in range(2):
+        ctx = Context.__new__(Context)
+        ctx.cfg, ctx.device, ctx.dist = cfg, torch.device("cpu"), SimpleNamespace(world_size=2, rank=rank)
+        ranks.append(torch.stack([ctx.lambdas(1, s, 8) for s in range(4000)]).double())
+    assert torch.equal(ranks[0], ranks[1])
+    assert (ranks[0] == ranks[0][:, :1]).all()  # one value per step
+    lam = ranks[0][:, 0]
+    n = len(lam)
+    assert abs(lam.mean().item() - 0.5) < 5 * np.sqrt(0.05 / n)
+    assert abs(lam.var().item() - 0.05) < 5 * 0.0447 / np.sqrt(n)  # sd of the variance estimate, Beta(2, 2)
+    assert lam.unique().numel() > 3900  # a new draw every step
+
+
 def test_lambda_deterministic():
     def draw(seed):
         return sample_lambda(1000, 1.0, torch.Generator().manual_seed(seed))

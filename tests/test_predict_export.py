@@ -133,7 +133,7 @@ def test_read_image_applies_the_exif_orientation(tmp_path):
 def test_cli_predict_writes_csv_and_json_and_refuses_bad_requests(run, tmp_path, capsys):
     out_csv, out_json = tmp_path / "p.csv", tmp_path / "p.json"
     assert cli(["-q", "predict", "--run", str(run["run"]), str(run["photos"]), "--top-k", "3",
-                "--out", str(out_csv)]) == 0
+                "--out", str(out_csv)]) == 1  # a finding: one unreadable image, its row says why
     with open(out_csv) as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["path", "sample", "label", "class_1", "prob_1", "class_2", "prob_2",
@@ -146,7 +146,8 @@ def test_cli_predict_writes_csv_and_json_and_refuses_bad_requests(run, tmp_path,
     for args, message in (([str(run["photos"]), "--out", str(tmp_path / "p.txt")], "csv or .json"),
                           ([str(tmp_path / "missing.jpg")], "no such file"),
                           ([str(tmp_path)], "no images"),
-                          ([str(run["photos"]), "--top-k", "0"], "top-k")):
+                          ([str(run["photos"]), "--top-k", "0"], "top-k"),
+                          ([str(run["photos"] / "broken.jpg")], "none of the 1 images could be read")):
         assert cli(["-q", "predict", "--run", str(run["run"])] + args) == 2
         assert message in capsys.readouterr().err
     unfinished = tmp_path / "unfinished"
@@ -198,7 +199,7 @@ def test_export_runs_without_the_project_and_reproduces_predict(run, tmp_path, c
     done = subprocess.run([sys.executable, "-S", "-c", _FRESH, str(out / "predict.py"), *map(str, files),
                            "--top-k", "3", "--json"], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # broken.jpg: a finding
     got = [json.loads(line) for line in done.stdout.splitlines()]
     assert [g["path"] for g in got] == [str(f) for f in files]
     for g, e in zip(got, expected):
@@ -207,6 +208,20 @@ def test_export_runs_without_the_project_and_reproduces_predict(run, tmp_path, c
             continue
         assert [t["class"] for t in g["top"]] == e.classes
         np.testing.assert_allclose([t["prob"] for t in g["top"]], e.probs, atol=1e-5)
+
+    # a folder stands for its images, sorted as `iccl predict` lists them; status 1: one was unreadable
+    done = subprocess.run([sys.executable, "-S", "-c", _FRESH, str(out / "predict.py"), str(run["photos"]),
+                           "--json"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    listed = [json.loads(line)["path"] for line in done.stdout.splitlines()]
+    assert listed == [r.path for r in predict(run["run"], [run["photos"]], top_k=1, amp="fp32")]
+    done = subprocess.run([sys.executable, "-S", "-c", _FRESH, str(out / "predict.py"),
+                           str(run["photos"] / "broken.jpg")], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "none of the 1 images" in done.stderr
+    from pipeline.sources.folder import IMAGE_EXTENSIONS
+    from train.standalone_predict import IMAGE_SUFFIXES
+    assert IMAGE_SUFFIXES == IMAGE_EXTENSIONS
 
     # an existing export is kept unless --force; --force replaces it whole
     capsys.readouterr()

@@ -35,6 +35,20 @@ def runs(tmp_path_factory):
     return root
 
 
+def test_the_carve_is_evaluated_with_its_class_mean(runs):
+    """With val_fraction > 0 each stage is also evaluated on the carve (6 / 3 / 2 / 1 images), whose
+    class_mean is the mean of its per-class accuracies (the carve is imbalanced, the test split not)."""
+    report = json.loads((runs / "iccl" / "report.json").read_text())
+    for stage in ("stage1_val", "stage2_val"):
+        val = report[stage]
+        assert val["num_samples"] == 12
+        assert val["class_mean"] == pytest.approx(sum(val["per_class"]) / K)
+        # per-class accuracies are multiples of 1/6, 1/3, 1/2, 1/1 (in %)
+        for acc, n in zip(val["per_class"], (6, 3, 2, 1)):
+            assert (acc / 100 * n) == pytest.approx(round(acc / 100 * n), abs=1e-3)
+    assert report["stage1"]["num_samples"] == 16  # the test split, as before
+
+
 def _stage2(runs, out, *sets):
     args = ["-q", "stage2", "--from", str(runs / "iccl"), "--out", str(out), *SPEED]
     for s in sets:
@@ -51,7 +65,8 @@ def test_every_choice_runs_from_an_existing_stage1(runs, tmp_path, choice):
     assert report["stage2_choice"]["stage2"] == choice and 0 <= report["stage2"]["top1"] <= 100
     src = json.loads((out / "stage1_source.json").read_text())
     assert src["stage1"] == str((runs / "iccl" / "stage1.pt").resolve()) and len(src["stage1_sha256"]) == 64
-    assert report["stage1"] == json.loads((runs / "iccl" / "report.json").read_text())["stage1"]
+    source = json.loads((runs / "iccl" / "report.json").read_text())
+    assert report["stage1"] == source["stage1"] and report["stage1_val"] == source["stage1_val"]
     assert not (out / "stage1.pt").exists()  # nothing copied
     assert json.loads((out / "config.json").read_text())["stage2"] == choice
     stage1 = checkpoint.load(runs / "iccl" / "stage1.pt")["net"]

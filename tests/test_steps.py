@@ -53,6 +53,31 @@ def test_iccl_phase_is_eq8():
     assert torch.allclose(z_a, za)
 
 
+def test_unfused_forward_normalises_each_branch_by_its_own_batch_statistics():
+    """fused=False: one forward per branch. With batch norm in training mode the loss is Eq. 8 on
+    the logits of x_a and x_mix each normalised alone (computed here by two separate calls), and it
+    differs from the fused forward, whose statistics span both branches."""
+    torch.manual_seed(3)
+    enc = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.Tanh())
+    enc.out_dim = 6
+    net = ICCLNet(enc, num_classes=4, proj_dim=3).double().train()
+    _, x_a, x_m, y_a, y_c, lam, cents = _setup(4, n=8)
+    x_m = 3 * x_m + 1  # other statistics than x_a
+    w = LossWeights(w_u=0.5)
+    unfused, z_a = stage1_loss(net, cents, "iccl", x_a, y_a, x_m, y_c, lam, w, fused=False)
+    fused, _ = stage1_loss(net, cents, "iccl", x_a, y_a, x_m, y_c, lam, w)
+    with torch.no_grad():
+        _, la, za = net(x_a)
+        _, lm, zm = net(x_m)
+    la, lm, zm, c, l = la.numpy(), lm.numpy(), zm.numpy(), cents.numpy(), lam.numpy()
+    r = np.arange(len(l))
+    lp, lc = _log_softmax(lm), _log_softmax(zm @ c.T / 0.1)
+    expected = (0.5 * -_log_softmax(la)[r, y_a].mean() - (l * lp[r, y_a] + (1 - l) * lp[r, y_c]).mean()
+                - (l * lc[r, y_a] + (1 - l) * lc[r, y_c]).mean())
+    assert abs(unfused.item() - expected) < 1e-6
+    assert torch.allclose(z_a, za) and abs(fused.item() - unfused.item()) > 1e-3
+
+
 def test_warmup_phase_is_ce_plus_clean_centroid_loss():
     net, x_a, _, y_a, _, _, cents = _setup(1)
     loss, z_a = stage1_loss(net, cents, "warmup", x_a, y_a, weights=LossWeights(tau=0.5))

@@ -17,6 +17,7 @@ def test_default_counts_shapes_and_types():
     assert np.bincount(test.labels).tolist() == [100] * 10
     assert train.items.shape == (1236, 32, 32, 3) and train.items.dtype == np.uint8
     assert test.items.shape == (1000, 32, 32, 3)
+    assert np.bincount(source.splits["val"].labels).tolist() == [100] * 10
     assert len(source.classes) == 10 and len(set(source.classes)) == 10
     # the pixels use the range (no saturated or flat images)
     assert train.items.min() == 0 and train.items.max() == 255 and 90 < train.items.mean() < 165
@@ -31,6 +32,15 @@ def test_deterministic_in_the_seed():
     assert not np.array_equal(a.splits["train"].items, c.splits["train"].items)
 
 
+def test_validation_split_leaves_train_and_test_alone():
+    """The val split is drawn last: train and test are the same with or without it, and val is new images."""
+    a, b = make_synthetic_lt(seed=2, max_per_class=40), make_synthetic_lt(seed=2, max_per_class=40, val_per_class=0)
+    assert "val" not in b.splits and len(a.splits["val"].labels) == 1000
+    for split in ("train", "test"):
+        assert np.array_equal(a.splits[split].items, b.splits[split].items)
+    assert not any(np.array_equal(a.splits["val"].items[0], t) for t in a.splits["test"].items)
+
+
 def test_options():
     source = make_synthetic_lt(num_classes=7, image_size=24, imbalance=1000, max_per_class=10,
                                test_per_class=3)
@@ -38,7 +48,7 @@ def test_options():
     assert source.splits["test"].items.shape == (21, 24, 24, 3)
     flat = make_synthetic_lt(num_classes=4, imbalance=1, max_per_class=6)
     assert np.bincount(flat.splits["train"].labels).tolist() == [6] * 4
-    for bad in ({"num_classes": 1}, {"imbalance": 0.5}, {"image_size": 4}):
+    for bad in ({"num_classes": 1}, {"imbalance": 0.5}, {"image_size": 4}, {"val_per_class": -1}):
         with pytest.raises(DataError):
             make_synthetic_lt(**bad)
 

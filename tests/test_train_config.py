@@ -144,7 +144,7 @@ def test_every_numeric_setting_has_one_rule():
     numeric = {f.name for f in fields(Config)
                if not isinstance(getattr(Config(), f.name), (bool, str)) or f.name == "proj_hidden"}
     assert numeric - set(RANGES) == any_finite
-    assert set(CHOICES) == {"preset", "method", "schedule", "augment", "stage2"}
+    assert set(CHOICES) == {"preset", "method", "schedule", "augment", "stage2", "lambda_per"}
 
 
 @pytest.mark.parametrize("key, text, words", [

@@ -23,6 +23,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+CLOSED_PIPE = 141  # 128 + SIGPIPE, as a shell reports `yes | head -1`'s producer
+
 QUIET_HELP = ("no progress: no bars and no status lines on stderr. Results (tables, --json output, "
               "verify's findings) still go to stdout and errors to stderr")
 
@@ -44,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one `iccl` command; returns the exit status: 0 done, 1 a finding (e.g. verify found
-    problems), 2 a user-fixable error (one line on stderr naming the file or setting and the fix),
-    130 interrupted."""
+    """Run one `iccl` command; returns the exit status: 0 done, 1 a finding (verify found problems,
+    predict met unreadable images), 2 a user-fixable error (one line on stderr naming the file or
+    setting and the fix), 130 interrupted, 141 the reader of stdout went away."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -92,12 +94,13 @@ def _fail(args, message: str) -> int:
 def _closed_stdout() -> int:
     """The reader of our stdout went away (`iccl info DIR --json | head -1`): stop quietly, as the
     Python documentation's recipe for SIGPIPE does: point stdout at devnull so that the
-    interpreter's final flush does not raise again, and exit 1."""
+    interpreter's final flush does not raise again, and exit 141 (128 + SIGPIPE: what a shell
+    reports for a program a closed pipe stopped, and never mistaken for 1, a finding)."""
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, ValueError):  # stdout is not a real file (tests capture it): nothing to flush
         pass
-    return 1
+    return CLOSED_PIPE
 
 
 if __name__ == "__main__":

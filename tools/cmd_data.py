@@ -17,7 +17,7 @@ SOURCE_OPTIONS = {
     "inat2018": {"root": REQUIRED, "lists": None},
     "folder": {"root": REQUIRED, "holdout": None, "seed": 0},
     "synthetic-lt": {"classes": 10, "image_size": 32, "imbalance": 100.0, "max_per_class": 500,
-                     "test_per_class": 100, "seed": 0},
+                     "test_per_class": 100, "val_per_class": 100, "seed": 0},
 }
 
 CONVERT_DESCRIPTION = """\
@@ -57,7 +57,7 @@ sources and the options they need:
                            least one training image); refused when ROOT has train/, val/ or
                            test/. Images with an EXIF orientation are turned upright (re-encoded).
   synthetic-lt             generated images, no download: --classes, --image-size, --imbalance,
-                           --max-per-class, --test-per-class, --seed
+                           --max-per-class, --test-per-class, --val-per-class, --seed
 
 examples:
   iccl convert cifar10-lt --source cifar-10-python.tar.gz --imbalance 100 --out data/cifar10-lt-100
@@ -110,6 +110,8 @@ def _register_convert(subparsers) -> None:
                      help="synthetic-lt: training images of the largest class (default 500)")
     src.add_argument("--test-per-class", type=int, metavar="N",
                      help="synthetic-lt: test images per class (default 100)")
+    src.add_argument("--val-per-class", type=int, metavar="N",
+                     help="synthetic-lt: validation images per class, split 'val' (default 100; 0: none)")
     out = p.add_argument_group("output options")
     out.add_argument("--max-side", type=int, metavar="N",
                      help="shrink images whose longer side exceeds N pixels to N and store them as "
@@ -184,7 +186,8 @@ def _load_source(args):
     from pipeline.sources.synthetic import make_synthetic_lt
     return make_synthetic_lt(num_classes=o["classes"], image_size=o["image_size"],
                              imbalance=o["imbalance"], max_per_class=o["max_per_class"],
-                             test_per_class=o["test_per_class"], seed=o["seed"])
+                             test_per_class=o["test_per_class"], val_per_class=o["val_per_class"],
+                             seed=o["seed"])
 
 
 def _convert(args) -> int:

@@ -19,6 +19,7 @@ run's mean / std). On a converted split the images are read by the same evaluati
 `iccl eval`, so the top-1 class is exactly the one `iccl eval` counts.
 Output columns: path, sample (the sample number in a converted split), label (its true class),
 class_1, prob_1, ... class_K, prob_K, error (why an image could not be read; the others go on).
+Exit status 1 when some images could not be read (their rows say why), 2 when none could.
 """
 
 EXPORT_EXAMPLES = """\
@@ -78,7 +79,11 @@ def cmd_predict(args) -> int:
         say(line)
     if args.out is not None:
         say(f"wrote {args.out}")
-    return 0
+    failed = [r for r in rows if r.error]
+    if rows and len(failed) == len(rows):
+        raise DataError(f"none of the {len(rows)} images could be read (first: {failed[0].error}); "
+                        f"check that the inputs are image files (JPEG, PNG, ...) and not damaged.")
+    return 1 if failed else 0  # 1: a finding, the unreadable ones are listed with their reason
 
 
 def cmd_export(args) -> int:

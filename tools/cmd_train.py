@@ -103,6 +103,9 @@ def register(sub) -> None:
     d.add_argument("--method", choices=METHODS, default="iccl",
                    help="iccl (default), or ce: plain cross-entropy then cRT, for comparison")
     d.add_argument("--epochs", type=int, help="stage-1 epochs (default: the synthetic-lt preset's)")
+    d.add_argument("--seeds", help="comma-separated training seeds, e.g. 0,1,2: one run per seed in "
+                                   "OUT/run-METHOD-seeds/seed-S (the data stay those of seed 0), then "
+                                   "mean ± std")
     d.set_defaults(handler=cmd_demo)
 
 
@@ -277,10 +280,19 @@ def cmd_demo(args) -> int:
     from train.runner import train
     data = args.out / "data"
     cfg = resolve("synthetic-lt", args.method, data=str(data.resolve()), epochs=args.epochs)
+    if args.seeds:
+        parse_seeds(args.seeds)  # checked before anything is written
     output_dir(args.out, "--out")  # checked before the data are made
     if not (data / META_FILE).is_file():
         say(f"making the synthetic long-tailed dataset in {data}")
         convert(make_synthetic_lt(), data)
+    if args.seeds:  # the seeds folder of `iccl train`, so that train / eval resume and evaluate it
+        from tools.cli import build_parser
+        argv = ["train", "--preset", "synthetic-lt", "--method", args.method, "--data", str(data),
+                "--out", str(args.out / f"run-{args.method}-seeds"), "--seeds", args.seeds]
+        if args.epochs is not None:
+            argv += ["--epochs", str(args.epochs)]
+        return cmd_train(build_parser().parse_args(argv))
     run = args.out / f"run-{args.method}"
     report = train(cfg, run)
     print_table(results_table({"stage 1": report["stage1"], "stage 2 (rebalanced)": report["stage2"]},

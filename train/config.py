@@ -57,6 +57,8 @@ class Config:
     gamma: float = 0.0             # class-aware sampler p_k ~ n_k^-gamma
     alpha: float = 1.0             # lambda ~ Beta(alpha, alpha_b): the weight of the class-agnostic image
     alpha_b: float = 1.0           # second Beta parameter (the paper's Table 5 tries Beta(0.2, 1.0))
+    lambda_per: str = "sample"     # one lambda per "sample" (Eq. 3 per pair) or one per "batch" (mixup's code)
+    fused_forward: bool = True     # one forward over [x_a; x_mix] (batch norm over both); False: one each
     tau: float = 0.1
     centroid_momentum: float = 0.99
     w_u: float = 1.0               # w^u of Eq. 8: weight of the uniform-branch CE, warm-up included
@@ -118,6 +120,7 @@ SEEDS_FILE = "seeds.json"
 METHODS = ("iccl", "ce")
 SCHEDULES = ("step", "cosine")
 AUGMENTS = ("pad_crop", "rrc")
+LAMBDA_PER = ("sample", "batch")
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ _POSITIVE, _AT_LEAST_1, _NON_NEGATIVE, _UNIT = Range(0, lo_open=True), Range(1),
 # amp and device (pipeline.device), arch (model.network). A tuple setting's Range holds for each item.
 CHOICES: dict[str, tuple[str, ...]] = {
     "preset": tuple(PRESETS), "method": METHODS, "schedule": SCHEDULES, "augment": AUGMENTS,
-    "stage2": STAGE2_CHOICES,
+    "stage2": STAGE2_CHOICES, "lambda_per": LAMBDA_PER,
 }
 RANGES: dict[str, Range] = {
     "seed": Range(0, 2**32 - 1), "proj_dim": _AT_LEAST_1, "proj_hidden": _AT_LEAST_1,

@@ -102,11 +102,13 @@ class Context:
         return normalize(x_u8, self.cfg.mean, self.cfg.std)
 
     def lambdas(self, epoch: int, step: int, n_local: int) -> torch.Tensor:
-        """lambda ~ Beta(alpha, alpha_b) per sample, drawn for the global batch and sliced per rank,
-        so that N processes see exactly the lambdas one process would."""
+        """(n_local,) float32: lambda ~ Beta(alpha, alpha_b) per sample (or one for the whole
+        global batch with lambda_per="batch"), drawn for the global batch and sliced per rank, so
+        that N processes see exactly the lambdas one process would."""
         g = torch.Generator().manual_seed(_seed_of(self.cfg.seed, _LAMBDA_STREAM, epoch, step))
-        lam = sample_lambda(n_local * self.dist.world_size, self.cfg.alpha, g, torch.device("cpu"),
-                            b=self.cfg.alpha_b)
+        n_global = n_local * self.dist.world_size
+        lam = sample_lambda(n_global if self.cfg.lambda_per == "sample" else 1, self.cfg.alpha, g,
+                            torch.device("cpu"), b=self.cfg.alpha_b).expand(n_global)
         return upload(lam[self.dist.rank * n_local:(self.dist.rank + 1) * n_local], self.device)
 
     def mix(self, x_a_u8, x_c_u8, lam):

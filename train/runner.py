@@ -94,11 +94,19 @@ def predictor(ctx: Context, net: ICCLNet):
     return partial(classify, net, mean=ctx.cfg.mean, std=ctx.cfg.std, autocast=ctx.autocast)
 
 
-def run_eval(ctx: Context, net: ICCLNet) -> dict:
+def run_eval(ctx: Context, net: ICCLNet, split: str = "eval") -> dict:
+    """Top-1 overall and by many / medium / few (train.evaluate) on the evaluation split, or with
+    split="val" on the validation split carved from the training split (val_fraction > 0). The
+    carve keeps the training imbalance, so its result adds "class_mean": the mean of the per-class
+    accuracies (%), the number to compare choices by, as the balanced test split would."""
     was_training = net.training
     net.eval()
-    result = evaluate(predictor(ctx, net), ctx.eval_batches(), ctx.num_classes, ctx.groups, ctx.device)
+    batches = ctx.eval_batches() if split == "eval" else ctx.plain_batches("val")
+    result = evaluate(predictor(ctx, net), batches, ctx.num_classes, ctx.groups, ctx.device)
     net.train(was_training)
+    if split == "val":
+        present = [a for a in result["per_class"] if a is not None]
+        result["class_mean"] = sum(present) / len(present)
     return result
 
 
@@ -159,6 +167,8 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
     report = read_report(report_path)
     if source and "stage1" not in report and source.get("stage1_eval"):
         report["stage1"] = source["stage1_eval"]
+        if source.get("stage1_val"):
+            report["stage1_val"] = source["stage1_val"]
     t0 = time.monotonic()
 
     def saver(stage_no, stage):
@@ -193,6 +203,8 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
             ctx.metrics.write(stage="stage1", event="centroid_check",
                               max_rank_difference=centroid_spread(bank.centroids))
         report["stage1"] = run_eval(ctx, net)
+        if ctx.val is not None:  # what choices are made on (the test split never is)
+            report["stage1_val"] = run_eval(ctx, net, "val")
         report["corrupt_training_images"] = {"stage1": stage.skipped_images}
         ctx.metrics.write(stage="stage1", event="eval", epoch=cfg.epochs - 1, **_short(report["stage1"]))
         if ctx.dist.is_main:
@@ -210,6 +222,8 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
         report.setdefault("corrupt_training_images", {})["stage2"] = choice.pop("corrupt_training_images", 0)
         report["stage2_choice"] = choice
         report["stage2"] = run_eval(ctx, net)
+        if ctx.val is not None:
+            report["stage2_val"] = run_eval(ctx, net, "val")
         ctx.metrics.write(stage="stage2", event="eval", epoch=cfg.s2_epochs - 1, **_short(report["stage2"]))
         report["train_seconds_this_session"] = round(time.monotonic() - t0, 1)
         if ctx.dist.is_main:

@@ -41,6 +41,9 @@ class Stage1:
     def __init__(self, ctx, net: ICCLNet, bank: CentroidBank):
         self.ctx, self.cfg, self.net, self.bank = ctx, ctx.cfg, net, bank
         cfg = self.cfg
+        if not cfg.fused_forward and ctx.dist.enabled:
+            raise DataError("fused_forward=false runs two forwards before one backward, which "
+                            "DistributedDataParallel refuses; run it as one process (no torchrun).")
         if cfg.method == "ce":  # no projection loss: keep DDP from waiting on unused gradients
             net.projector.requires_grad_(False)
         self.model = wrap(ctx, net)
@@ -89,7 +92,7 @@ class Stage1:
         x_a, x_mix, lam = self._inputs(batch, epoch, step, phase)
         with ctx.autocast():
             loss, z_a = stage1_loss(self.model, self.bank.centroids, phase, x_a, batch.y_a,
-                                    x_mix, batch.y_c, lam, self.weights(phase))
+                                    x_mix, batch.y_c, lam, self.weights(phase), fused=self.cfg.fused_forward)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

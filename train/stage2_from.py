@@ -41,9 +41,9 @@ def stage2_run_config(source_run: Path, overrides: dict[str, str],
     values = Config.from_dict(saved["config"]).to_dict()  # also reads configs of older versions
     cfg = resolve(None, None, overrides, base=values, **(explicit or {}))
     report = source_run / "report.json"
-    stage1_eval = json.loads(report.read_text()).get("stage1") if report.is_file() else None
+    source_report = json.loads(report.read_text()) if report.is_file() else {}
     record = {"run": str(source_run), "stage1": str(path.resolve()), "stage1_sha256": _sha256(path),
-              "stage1_eval": stage1_eval}
+              "stage1_eval": source_report.get("stage1"), "stage1_val": source_report.get("stage1_val")}
     return cfg, record
 
 

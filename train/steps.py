@@ -1,8 +1,9 @@
 """The loss of one training step, for each phase of the method (docs/METHOD.md, Eqs. 4-8).
 
 Pure functions of (network, centroids, normalised inputs): the trainer, the benchmark and the tests
-call the same code. The network sees one fused forward over [x_a; x_mix] (the single-forward trick
-for dual-sampler training), so batch-norm statistics are those of the concatenated batch.
+call the same code. By default the network sees one fused forward over [x_a; x_mix] (the single-
+forward trick for dual-sampler training), so batch-norm statistics are those of the concatenated
+batch; `fused=False` runs one forward per branch (each normalised by its own statistics).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def stage1_phase(method: str, epoch: int, warmup_epochs: int) -> str:
 
 def stage1_loss(net, centroids: torch.Tensor | None, phase: str, x_a: torch.Tensor, y_a: torch.Tensor,
                 x_mix: torch.Tensor | None = None, y_c: torch.Tensor | None = None,
-                lam: torch.Tensor | None = None, weights: LossWeights = LossWeights()):
+                lam: torch.Tensor | None = None, weights: LossWeights = LossWeights(), fused: bool = True):
     """Returns (loss, z_a): z_a, the clean uniform-branch embeddings, feeds the centroid update
     (None in the 'ce' phase, which has no projection head loss)."""
     if phase == "ce":
@@ -42,10 +43,13 @@ def stage1_loss(net, centroids: torch.Tensor | None, phase: str, x_a: torch.Tens
         # Eq. 6 + Eq. 4 on the clean embedding: w^u L_ce^u + L_cc (w^u is Eq. 8's, warm-up included).
         _, logits, z = net(x_a)
         return weights.w_u * uniform_ce(logits, y_a) + centroid_contrastive(z, centroids, y_a, weights.tau), z
-    n = x_a.shape[0]
-    _, logits, z = net(torch.cat([x_a, x_mix]))
-    logits_a, logits_m = logits[:n], logits[n:]
-    z_a, z_m = z[:n], z[n:]
+    if fused:
+        n = x_a.shape[0]
+        _, logits, z = net(torch.cat([x_a, x_mix]))
+        logits_a, logits_m = logits[:n], logits[n:]
+        z_a, z_m = z[:n], z[n:]
+    else:
+        (_, logits_a, z_a), (_, logits_m, z_m) = net(x_a), net(x_mix)
     loss = weights.w_il * (interpolative_ce(logits_m, y_a, y_c, lam)
                            + interpolative_centroid_contrastive(z_m, centroids, y_a, y_c, lam, weights.tau))
     if weights.w_u:
