@@ -246,6 +246,31 @@ def test_generated_lt_selection(tmp_path):
     assert len(source.splits["test"].labels) == 30
 
 
+def test_validation_split_comes_from_the_left_out_training_images(tmp_path):
+    """--val-per-class: balanced, disjoint from the train and test splits, drawn from the training
+    images the long-tailed split leaves out; only the head class (which keeps all of its images)
+    gives some up; too many is refused."""
+    write_cifar10_python(tmp_path, per_class=20)
+    data = read_cifar(tmp_path, 10, verify_md5=False)
+    plain = load_cifar_lt(tmp_path, 10, 10, seed=3, verify_md5=False)
+    source = load_cifar_lt(tmp_path, 10, 10, seed=3, verify_md5=False, val_per_class=4)
+    train, val = source.splits["train"], source.splits["val"]
+    assert np.bincount(val.labels).tolist() == [4] * 10
+    row = {data.train_images[i].tobytes(): i for i in range(len(data.train_labels))}
+    val_rows = [row[img.tobytes()] for img in val.items]
+    train_rows = [row[img.tobytes()] for img in train.items]
+    plain_rows = [row[img.tobytes()] for img in plain.splits["train"].items]
+    assert len(set(val_rows)) == 40 and not set(val_rows) & set(train_rows)
+    assert all(data.train_labels[r] == y for r, y in zip(val_rows, val.labels))
+    # classes 1-9 train on exactly the literature's images; class 0 (20 of 20 kept) gives up 4
+    assert [r for r in train_rows if data.train_labels[r]] == [r for r in plain_rows if data.train_labels[r]]
+    assert set(r for r in train_rows if data.train_labels[r] == 0) < set(plain_rows)
+    assert source.description["train_class_counts"][0] == 16
+    assert source.description["val_taken_from_train"] == [4] + [0] * 9
+    with pytest.raises(DataError, match="val-per-class 21: class 0 has only 20"):
+        load_cifar_lt(tmp_path, 10, 10, seed=3, verify_md5=False, val_per_class=21)
+
+
 @pytest.mark.parametrize("ratio,total", [(100, 10847), (50, 12608), (10, 19573)])
 def test_cifar100_lt_counts(ratio, total):
     counts = long_tail_counts(500, 100, ratio)

@@ -11,8 +11,8 @@ from pipeline.errors import ON_ERROR, DataError
 REQUIRED = "required"
 # Source kind -> the source options it takes, with their defaults.
 SOURCE_OPTIONS = {
-    "cifar10-lt": {"source": REQUIRED, "imbalance": 100.0, "seed": 0},
-    "cifar100-lt": {"source": REQUIRED, "imbalance": 100.0, "seed": 0},
+    "cifar10-lt": {"source": REQUIRED, "imbalance": 100.0, "seed": 0, "val_per_class": 0},
+    "cifar100-lt": {"source": REQUIRED, "imbalance": 100.0, "seed": 0, "val_per_class": 0},
     "imagenet-lt": {"root": REQUIRED, "lists": REQUIRED},
     "inat2018": {"root": REQUIRED, "lists": None},
     "folder": {"root": REQUIRED, "holdout": None, "seed": 0},
@@ -42,7 +42,10 @@ CONVERT_EPILOG = """\
 sources and the options they need:
   cifar10-lt, cifar100-lt  --source PATH: the official CIFAR download, python or binary version,
                            as the .tar.gz or its extracted folder; --imbalance, --seed shape the
-                           long-tailed training split (the test split stays balanced)
+                           long-tailed training split (the test split stays balanced);
+                           --val-per-class N adds a balanced split 'val' drawn from the training
+                           images the long-tailed split leaves out (default 0: none), to make
+                           choices on (`--set eval_split=val`) without touching the test split
   imagenet-lt              --root PATH: the ImageNet folder (train/<wnid>/, val/<wnid>/);
                            --lists PATH: the folder with ImageNet_LT_{train,val,test}.txt
   inat2018                 --root PATH: the iNaturalist 2018 folder (train_val2018/, *2018.json);
@@ -111,7 +114,9 @@ def _register_convert(subparsers) -> None:
     src.add_argument("--test-per-class", type=int, metavar="N",
                      help="synthetic-lt: test images per class (default 100)")
     src.add_argument("--val-per-class", type=int, metavar="N",
-                     help="synthetic-lt: validation images per class, split 'val' (default 100; 0: none)")
+                     help="synthetic-lt: validation images per class, split 'val' (default 100; 0: "
+                          "none); CIFAR-LT: the same, drawn from the training images the long-tailed "
+                          "split leaves out (default 0)")
     out = p.add_argument_group("output options")
     out.add_argument("--max-side", type=int, metavar="N",
                      help="shrink images whose longer side exceeds N pixels to N and store them as "
@@ -173,7 +178,7 @@ def _load_source(args):
     if args.kind in ("cifar10-lt", "cifar100-lt"):
         from pipeline.sources.cifar import load_cifar_lt
         return load_cifar_lt(o["source"], 10 if args.kind == "cifar10-lt" else 100,
-                             o["imbalance"], o["seed"])
+                             o["imbalance"], o["seed"], val_per_class=o["val_per_class"])
     if args.kind == "imagenet-lt":
         from pipeline.sources.imagenet_lt import load_imagenet_lt
         return load_imagenet_lt(o["root"], o["lists"])

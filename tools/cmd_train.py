@@ -92,6 +92,8 @@ def register(sub) -> None:
     e.add_argument("--stage", type=int, choices=(1, 2), default=2, help="2: after rebalancing (default)")
     e.add_argument("--data", help="dataset folder, if it moved since training")
     e.add_argument("--loader", choices=LOADER_CHOICES)
+    e.add_argument("--split", help="evaluate on this split of the dataset instead of the run's eval_split "
+                                   "(e.g. test, for a run whose choices were made with eval_split=val)")
     e.add_argument("--json", type=Path, help="also write the result (with per-class accuracy) here")
     e.set_defaults(handler=cmd_eval)
 
@@ -244,7 +246,7 @@ def cmd_eval(args) -> int:
     from train.runner import evaluate_run
     if (args.run / SEEDS_FILE).is_file():
         return _eval_seeds(args)
-    result = evaluate_run(args.run, stage=args.stage, data=args.data, loader=args.loader)
+    result = evaluate_run(args.run, stage=args.stage, data=args.data, loader=args.loader, split=args.split)
     if _is_main():
         print_table(results_table({f"stage {args.stage}": result}, f"{args.run}: top-1 %"))
         if args.json:
@@ -258,8 +260,8 @@ def _eval_seeds(args) -> int:
     from tools.report_table import mean_std, mean_std_table, print_table
     from train.runner import evaluate_run
     seeds = json.loads((args.run / SEEDS_FILE).read_text())["seeds"]
-    results = [evaluate_run(args.run / f"seed-{s}", stage=args.stage, data=args.data, loader=args.loader)
-               for s in seeds]
+    results = [evaluate_run(args.run / f"seed-{s}", stage=args.stage, data=args.data, loader=args.loader,
+                            split=args.split) for s in seeds]
     if _is_main():
         print_table(mean_std_table({f"stage {args.stage}": results},
                                    f"{args.run}: top-1 % over seeds {','.join(map(str, seeds))}"))

@@ -259,13 +259,16 @@ def _short(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "per_class"}
 
 
-def evaluate_run(run_dir: Path, stage: int = 2, data: str | None = None, loader: str | None = None) -> dict:
-    """Evaluate the saved model of a run (final.pt, or stage1.pt with stage=1) on its eval split."""
+def evaluate_run(run_dir: Path, stage: int = 2, data: str | None = None, loader: str | None = None,
+                 split: str | None = None) -> dict:
+    """Evaluate the saved model of a run (final.pt, or stage1.pt with stage=1) on its eval split,
+    or on `split` of its dataset (e.g. "test" for a run whose choices were made on "val")."""
     run_dir = Path(run_dir)
     saved = checkpoint.load(saved_model_path(run_dir, stage))
     cfg = Config.from_dict(saved["config"])
     cfg.data = data or cfg.data
     cfg.loader = loader or cfg.loader
+    cfg.eval_split = split or cfg.eval_split
     ctx = build_context(cfg, run_dir, training=False)
     try:
         _check_data(ctx, saved)

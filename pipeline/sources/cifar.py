@@ -15,6 +15,13 @@ The long-tailed training set is the construction of LDAM-DRW (Cao et al., 2019) 
 2020), reproduced exactly so that results compare with the literature: class i keeps
 n_i = int(n_max * (1/R) ** (i / (K - 1))) images (n_max = 5000 or 500, R the imbalance ratio), picked
 with numpy's legacy generator seeded once; the test set stays whole and balanced.
+
+Optionally (`val_per_class`), a balanced validation split "val" drawn from the training images the
+long-tailed subset leaves out (CIFAR-10-LT at R = 100 uses 12,406 of the 50,000): choices can then be
+made on images that are neither trained on nor in the test set, without taking the few images of a
+tail class away from training (a per-class carve, `val_fraction`, must). Only the head class keeps
+all of its n_max images, so it alone gives up val_per_class of them (CIFAR-10-LT, 200 per class:
+5,000 -> 4,800); every other class trains on exactly the literature's images.
 """
 from __future__ import annotations
 
@@ -117,15 +124,20 @@ class CifarData:
 # ---- public API ----------------------------------------------------------------------------------
 
 def load_cifar_lt(source: Path, num_classes: int, imbalance: float, seed: int = 0,
-                  verify_md5: bool = True) -> Source:
-    """CIFAR-10-LT / CIFAR-100-LT at imbalance ratio `imbalance` (1 = the whole balanced set).
+                  verify_md5: bool = True, val_per_class: int = 0) -> Source:
+    """CIFAR-10-LT / CIFAR-100-LT at imbalance ratio `imbalance` (1 = the whole balanced set), with
+    splits train and test, and "val" (val_per_class images of every class, drawn with
+    numpy.random.default_rng(seed) from the training images not in train) when val_per_class > 0.
 
     `verify_md5=False` accepts files that are not the official ones (e.g. built by hand); their
-    structure is still checked.
+    structure is still checked. Raises DataError for a ratio below 1, a class left without
+    training images, or a val_per_class larger than a class's training images.
     """
     if not (imbalance >= 1 and math.isfinite(imbalance)):
         raise DataError(f"imbalance ratio {imbalance}: must be a number >= 1 (n_max / n_min; "
                         f"1 keeps the balanced set, the literature uses 10, 50 and 100).")
+    if val_per_class < 0:
+        raise DataError(f"--val-per-class {val_per_class}: must be 0 (no validation split) or more.")
     data = read_cifar(source, num_classes, verify_md5)
     keep = long_tail_indices(data.train_labels, num_classes, imbalance, seed)
     counts = np.bincount(data.train_labels[keep], minlength=num_classes)
@@ -136,9 +148,16 @@ def load_cifar_lt(source: Path, num_classes: int, imbalance: float, seed: int = 
             f"{' ...' if len(empty) > 10 else ''} keep no training image (the download has "
             f"{len(data.train_labels)} training images). Use a smaller ratio or the full download."
         )
-    train = SourceSplit(data.train_labels[keep], data.train_images[keep],
-                        [data.train_origins[i] for i in keep.tolist()])
-    test = SourceSplit(data.test_labels, data.test_images, data.test_origins)
+    splits, taken = {}, None
+    if val_per_class:
+        val, keep = validation_indices(data.train_labels, keep, num_classes, val_per_class, seed, source)
+        splits["val"] = SourceSplit(data.train_labels[val], data.train_images[val],
+                                    [data.train_origins[i] for i in val.tolist()])
+        after = np.bincount(data.train_labels[keep], minlength=num_classes)
+        counts, taken = after, (counts - after).tolist()
+    splits["train"] = SourceSplit(data.train_labels[keep], data.train_images[keep],
+                                  [data.train_origins[i] for i in keep.tolist()])
+    test = splits["test"] = SourceSplit(data.test_labels, data.test_images, data.test_origins)
     description = {
         "kind": "cifar",
         "source": str(Path(source).absolute()),
@@ -151,9 +170,37 @@ def load_cifar_lt(source: Path, num_classes: int, imbalance: float, seed: int = 
                         "classes in label order",
         "train_class_counts": counts.tolist(),
         "test_class_counts": np.bincount(test.labels, minlength=num_classes).tolist(),
+        "val_per_class": val_per_class,
+        "val_taken_from_train": taken,  # per class: the images the validation split took from train
     }
     name = f"cifar{num_classes}-lt" if imbalance > 1 else f"cifar{num_classes}"
-    return Source(name, data.classes, {"train": train, "test": test}, description)
+    return Source(name, data.classes, splits, description)
+
+
+def validation_indices(labels: np.ndarray, keep: np.ndarray, num_classes: int, per_class: int,
+                       seed: int, source) -> tuple[np.ndarray, np.ndarray]:
+    """(val, keep'): per_class training images of every class for the validation split, drawn
+    without replacement by numpy.random.default_rng(seed) from the images outside `keep`; a class
+    with too few of those (the head class of CIFAR-LT keeps all n_max of its images) gives up the
+    rest from `keep`, which is returned without them. Both int64, val sorted by class."""
+    rng = np.random.default_rng(seed)
+    left_out = np.ones(len(labels), dtype=bool)
+    left_out[keep] = False
+    kept = np.zeros(len(labels), dtype=bool)
+    kept[keep] = True
+    picks = []
+    for k in range(num_classes):
+        pool = np.flatnonzero(left_out & (labels == k))
+        if len(pool) < per_class:
+            own = np.flatnonzero(kept & (labels == k))
+            if len(pool) + len(own) - 1 < per_class:
+                raise DataError(f"{source}: --val-per-class {per_class}: class {k} has only "
+                                f"{len(pool) + len(own)} training images; ask for fewer.")
+            pool = np.concatenate([pool, rng.choice(own, per_class - len(pool), replace=False)])
+        chosen = np.sort(rng.choice(pool, per_class, replace=False))
+        kept[chosen] = False
+        picks.append(chosen)
+    return np.concatenate(picks), keep[kept[keep]]
 
 
 def long_tail_counts(n_max: float, num_classes: int, imbalance: float) -> list[int]:
