@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,29 @@ def test_bench_scale_end_to_end_and_resumes(tmp_path, counts, capsys):
     other = list(args)
     other[other.index("--scale") + 1] = "0.5"
     assert main(other) == 2  # another scale into the same folder: refused
+
+
+def test_first_batch_is_measured_again_once_the_beton_exists(tmp_path, counts, monkeypatch):
+    """A first-batch step that skipped FFCV (no .beton yet) is redone by a rerun with --ffcv."""
+    import tools.bench_scale as bench_scale
+    calls = []
+
+    def fake(data, loader, batch, workers):
+        calls.append(loader)
+        beton = Path(data, "train.beton").is_file()
+        if loader == "ffcv" and not beton:
+            return {"loader": loader, "skipped": "no .beton"}
+        return {"loader": loader, "first_batch_s": 1.0, "main_rss_bytes": 1, "worker_rss_bytes": []}
+    monkeypatch.setattr(bench_scale, "first_batch_in_fresh_process", fake)
+    base = ["-q", "bench", "scale", "--work", str(tmp_path / "w"), "--scale", "1", "--counts", str(counts),
+            "--lists-dir", str(tmp_path), "--workers", "1", "--datasets", "inat2018"]
+    assert main(base + ["--skip", "bench-convert,info,verify,sampler,evaluate"]) == 0
+    assert len(calls) == 3
+    assert main(base + ["--skip", "bench-convert,info,verify,sampler,evaluate"]) == 0
+    assert len(calls) == 3  # done, and --ffcv not asked: kept
+    assert main(base + ["--ffcv", "--skip", "bench-convert,info,verify,sampler,evaluate"]) == 0
+    report = json.loads((tmp_path / "w/scale.json").read_text())["datasets"]["inat2018"]
+    assert len(calls) == 6 and "skipped" not in report["first-batch"]["ffcv"]
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch: ~10 s here

@@ -58,14 +58,14 @@ skips finished steps (resumable); the table is printed at the end."""
 
 SCALE_EPILOG = """\
 steps: tree, convert, ffcv (only with --ffcv), bench-convert, info, verify, first-batch, sampler,
-evaluate. Disk at --scale 1: ImageNet-LT ~13 GB tree + ~13 GB shards (+ ~15 GB of .beton with
---ffcv) + ~9 GB of scratch during bench-convert; iNaturalist ~4 + ~3 (+ ~3) + ~2 GB.
-Time at --scale 1 on 2 cores (extrapolated from --scale 0.01): ImageNet-LT 1-2 h, iNaturalist
-0.5-1 h, of which --ffcv ~40 min; the 1 % run takes ~8 min.
+evaluate. Disk at --scale 1 (measured): ImageNet-LT 13 GB tree + 13 GB shards (+ 12 GB of .beton
+with --ffcv) + ~9 GB of scratch during bench-convert; iNaturalist 3.6 + 3.1 (+ 2.4) + ~2 GB.
+Time at --scale 1 on 2 cores (measured): ImageNet-LT ~11 min, iNaturalist ~6 min, of which
+--ffcv ~4 min; the 1 % run takes ~8 min (start-up costs dominate it).
 
 examples:
   iccl bench scale --work /tmp/scale-1pc --scale 0.01        # ~8 min on 2 cores
-  iccl bench scale --work /data/scale --ffcv --json scale.json  # the real sizes: 1.5-3 h on 2 cores
+  iccl bench scale --work /data/scale --ffcv --json scale.json  # the real sizes: ~17 min on 2 cores
   iccl bench scale --work /data/scale --datasets inat2018 --skip bench-convert"""
 
 

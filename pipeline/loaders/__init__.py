@@ -78,7 +78,7 @@ def _beton_path(split: ShardedSplit):
 
 
 # Largest stored side (px) at which DALI's CPU path beats the reference loader. Measured on this
-# project's 2-core machine: 1.53x the reference on 32-px CIFAR PNGs, but 0.82-0.87x on ImageNet-size
+# project's 2-core machine: 1.53x the reference on 32-px CIFAR PNGs, but 0.82-1.04x on ImageNet-size
 # JPEG photographs, where its CPU resize to 224 dominates (README, Throughput).
 DALI_CPU_MAX_SIDE = 64
 _PROBE = 16  # images whose headers decide what the data is (the bench's auto augmentation does the same)
@@ -103,7 +103,7 @@ def choose_loader(split: ShardedSplit, augment: Optional[AugmentSpec], device, *
     2. on a CPU: ffcv when the split's `.beton` exists (`iccl convert --ffcv`; ~1.7-2.4x the
        reference on photographs); else dali when installed and the stored images are small (at most
        DALI_CPU_MAX_SIDE px: 1.53x the reference on CIFAR); else reference (on JPEG photographs DALI's
-       CPU resize makes it 0.82-0.87x the reference);
+       CPU resize makes it 0.82-1.04x the reference, never clearly faster);
     3. on a GPU: dali when installed (nvJPEG decoding and CUDA resizing); else reference.
 
     Reads at most 16 image headers (and, for resident, see `resident.common_size`)."""
