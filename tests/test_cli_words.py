@@ -107,6 +107,27 @@ def test_demo_prints_its_table_only(tmp_path, monkeypatch, capsys):
     assert "top-1" in out and not any(ln.lstrip().startswith("{") for ln in out.splitlines())
 
 
+def test_demo_seeds_is_a_seeds_folder_of_iccl_train(tmp_path, monkeypatch, capsys):
+    """`iccl demo --seeds 0,1`: one run per training seed in OUT/run-METHOD-seeds/seed-S, the data
+    made once, summary.json with mean and std, the mean ± std table; bad seeds are refused first."""
+    import train.runner
+    make_converted(tmp_path / "demo" / "data", {"train": (random_images(6, 32), [0, 0, 0, 0, 1, 1])}, 2)
+    seen = []
+
+    def fake_train(cfg, run):
+        seen.append((cfg.seed, cfg.preset, cfg.method, run.name))
+        result = {"top1": 50.0 + cfg.seed, "many": None, "medium": None, "few": 40.0, "per_class": [50.0, 50.0]}
+        return {"stage1": result, "stage2": result}
+    monkeypatch.setattr(train.runner, "train", fake_train)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--method", "ce", "--seeds", "0,1"]) == 0
+    assert seen == [(0, "synthetic-lt", "ce", "seed-0"), (1, "synthetic-lt", "ce", "seed-1")]
+    summary = json.loads((tmp_path / "demo" / "run-ce-seeds" / "summary.json").read_text())
+    assert summary["stage1"]["top1"] == 50.5 and summary["stage1"]["top1_std"] == 0.71
+    assert "±" in capsys.readouterr().out
+    assert main(["demo", "--out", str(tmp_path / "other"), "--seeds", "0,0"]) == 2
+    assert not (tmp_path / "other").exists()
+
+
 def test_bench_help_names_the_ceiling_decoders_it_uses(tmp_path, capsys):
     from pipeline.dataset import ShardedSplit
     from tools.bench_pipeline import decode_ceiling

@@ -143,10 +143,12 @@ def test_cli_several_seeds_print_mean_and_std(tiny, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_learns_and_rebalancing_helps_the_tail(tmp_path, capsys):
-    """`iccl demo` end to end (~2 min on 2 cores). Deterministic on CPU; measured 57.6 overall / 37.0
-    few after stage 1 and 67.0 few after stage 2; the thresholds leave a wide margin."""
+    """`iccl demo` end to end (~2 min on 2 cores). Deterministic on CPU (seed 0); measured 65.9
+    overall / 31.7 few after stage 1 and 74.2 / 62.7 after stage 2: the paper's story, stage 2
+    lifting both. The thresholds leave a wide margin."""
     assert cli(["-q", "demo", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "run-iccl" / "report.json").read_text())
     s1, s2 = report["stage1"], report["stage2"]
-    assert s1["top1"] > 40.0  # chance is 10%
+    assert s1["top1"] > 50.0  # chance is 10%
+    assert s2["top1"] > s1["top1"] + 3.0  # rebalancing lifts the overall accuracy (+8.3 measured)
     assert s2["few"] > s1["few"] + 10.0  # classifier rebalancing lifts the tail

@@ -55,8 +55,10 @@ STAGE2_ARMS: dict[str, tuple[str, dict]] = {
     "s2-gamma0": ("class-balanced stage 2 (gamma' 0) instead of reverse (1)", {"s2_gamma": "0"}),
     "s2-T2": ("distillation temperature 2 instead of 4", {"s2_temperature": "2"}),
 }
-# run order: the base, its cheap stage-2 variants, then the other stage-1 arms
-ORDER = ("base", *STAGE2_ARMS, *(a for a in STAGE1_ARMS if a != "base"))
+# run order: the base, the suspects the demo data pointed at (w^u after the warm-up, T_w), the
+# baseline, the cheap stage-2 variants, then the other stage-1 arms
+_FIRST = ("base", "keep-wu", "tw-quarter", "ce")
+ORDER = (*_FIRST, *STAGE2_ARMS, *(a for a in STAGE1_ARMS if a not in _FIRST))
 
 
 def _values(overrides: dict, epochs: int) -> dict[str, str]:
