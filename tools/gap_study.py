@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"gap_study: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the training loop has saved where it stopped
+        print("gap_study: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
 
 
 def _run(args) -> int:
