@@ -82,6 +82,12 @@ def test_resume_mid_epoch_is_exact(tiny, tmp_path, monkeypatch, method):
         a, b = _weights(tmp_path / "a" / name), _weights(tmp_path / "b" / name)
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
+    # each epoch's mean loss covers the whole epoch, the steps before the crash included
+    def epoch_means(run):
+        lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        return {(r["stage"], r["epoch"]): r["loss"] for r in lines if r.get("event") == "epoch"}
+    a, b = epoch_means(tmp_path / "a"), epoch_means(tmp_path / "b")
+    assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], rel=1e-6) for k in a)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypatch):

@@ -3,7 +3,9 @@ stop signals, corrupt-image reporting.
 
 A stage object supplies `epochs`, `loader(epoch)`, `lr(epoch_float)`, `train_step(batch, epoch,
 step) -> loss tensor`, `optimizer`, `name`, and carries `skipped_images` (corrupt training images
-met so far, saved in checkpoints). The loop never syncs with the device except at logging points
+met so far, saved in checkpoints) and `epoch_loss` ((loss sum, steps) of the epoch so far when a
+checkpoint is saved mid-epoch, else None; saved in checkpoints, so that the epoch's mean loss after
+a resume covers the whole epoch). The loop never syncs with the device except at logging points
 (every `log_every` steps), where it also checks that the loss is finite. After every step it looks
 at the clock (a checkpoint every `checkpoint_minutes`, whatever `log_every` is) and at the stop
 signals (`train.checkpoint.stop_signals`): both are host-side, agreed by all processes.
@@ -38,7 +40,9 @@ def run_epochs(ctx, stage, start_epoch: int, start_step: int,
         loss_sum = torch.zeros((), device=ctx.device)
         n_since = 0
         t_log = time.monotonic()
-        epoch_losses = []
+        carried = stage.epoch_loss if start_step else None  # the steps before a mid-epoch resume
+        epoch_losses = [(carried[0] / carried[1], carried[1])] if carried and carried[1] else []
+        stage.epoch_loss = None
         desc = f"{stage.name} epoch {epoch + 1}/{stage.epochs}"
         with progress(steps - start_step, desc, unit="steps", every_s=30.0) as bar:
             for step, batch in enumerate(loader, start=start_step):
@@ -75,6 +79,11 @@ def run_epochs(ctx, stage, start_epoch: int, start_step: int,
                 due, stop = host_reduce([due, stop_requested() is not None])
                 if due or stop:
                     _count_skipped(ctx, stage, loader)
+                    pending = loss_sum.clone()  # the steps since the last log line
+                    all_reduce_sum(pending)
+                    parts = epoch_losses + ([(pending.item() / (n_since * ctx.dist.world_size), n_since)]
+                                            if n_since else [])
+                    stage.epoch_loss = (sum(v * n for v, n in parts), sum(n for _, n in parts))
                     save(epoch, step + 1)
                     last_save = time.monotonic()
                 if stop:
@@ -84,6 +93,7 @@ def run_epochs(ctx, stage, start_epoch: int, start_step: int,
         ctx.metrics.write(stage=stage.name, event="epoch", epoch=epoch, loss=mean)
         _count_skipped(ctx, stage, loader)
         on_epoch_end(epoch)
+        stage.epoch_loss = None
         save(epoch + 1, 0)
         last_save = time.monotonic()
         if host_reduce([stop_requested() is not None])[0] and epoch + 1 < stage.epochs:

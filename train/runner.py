@@ -177,7 +177,7 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
                 checkpoint.save(ckpt_path, {"stage": stage_no, "epoch": epoch, "step": step,
                                             "num_classes": ctx.num_classes, "config": cfg.to_dict(),
                                             "skipped_images": stage.skipped_images,
-                                            **stage.state_dict()})
+                                            "epoch_loss": stage.epoch_loss, **stage.state_dict()})
             barrier()
         return save
 
@@ -197,6 +197,7 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
         if "net" in state:
             stage.load_state_dict(state)
             stage.skipped_images = state.get("skipped_images", 0)
+            stage.epoch_loss = state.get("epoch_loss")
         run_epochs(ctx, stage, state["epoch"], state["step"], saver(1, stage), evaluator(stage, cfg.eval_every))
         recompute_bn_stats(ctx, stage)  # before anything uses evaluation mode (see train.bn_stats)
         if ctx.dist.enabled:

@@ -51,6 +51,7 @@ class Stage1:
         self.epochs = cfg.epochs
         self.images_per_step = cfg.batch_size // ctx.dist.world_size
         self.skipped_images = 0  # corrupt training images met (train.loop counts them)
+        self.epoch_loss = None  # (loss sum, steps) of the epoch so far at a mid-epoch save (train.loop)
 
     def phase(self, epoch: int) -> str:
         return stage1_phase(self.cfg.method, epoch, self.cfg.warmup_epochs)

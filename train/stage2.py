@@ -75,6 +75,7 @@ class Stage2:
         self.epochs = cfg.s2_epochs
         self.images_per_step = cfg.batch_size // ctx.dist.world_size
         self.skipped_images = 0  # corrupt training images met (train.loop counts them)
+        self.epoch_loss = None  # (loss sum, steps) of the epoch so far at a mid-epoch save (train.loop)
 
     def loader(self, epoch: int):
         return self.ctx.train_loader(uniform=False, class_aware_gamma=self.cfg.s2_gamma,

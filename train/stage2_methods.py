@@ -49,6 +49,7 @@ def run_stage2(ctx, net, state: dict, stage1_path, make_saver: Callable, make_ev
         if "optimizer" in state:
             stage.load_state_dict(state)
             stage.skipped_images = state.get("skipped_images", 0)
+            stage.epoch_loss = state.get("epoch_loss")
         run_epochs(ctx, stage, state["epoch"], state["step"], make_saver(stage), make_evaluator(stage))
         stage.finish()
         info["corrupt_training_images"] = stage.skipped_images
