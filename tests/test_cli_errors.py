@@ -90,6 +90,10 @@ BAD_INPUTS = [
     ("convert workers", ["convert", "synthetic-lt", "--out", "{out}", "--workers", "0"], "--workers 0"),
     ("convert missing root", ["convert", "folder", "--root", "{tmp}/none", "--out", "{out}"],
      "no such folder"),
+    ("convert val-per-class for a folder", ["convert", "folder", "--root", "{tmp}", "--out", "{out}",
+                                            "--val-per-class", "3"], "--val-per-class does not apply"),
+    ("convert negative val-per-class", ["convert", "synthetic-lt", "--out", "{out}", "--val-per-class", "-1"],
+     "validation count"),
     ("info of no dataset", ["info", "{tmp}/none"], "no such folder"),
     ("info of a cut meta.json", ["info", "{cut}"], "iccl verify"),
     ("verify workers", ["verify", "{tiny}", "--workers", "0"], "--workers 0"),
@@ -207,6 +211,17 @@ def test_class_folder_names_that_are_not_utf8(tmp_path, capsys):
     assert "Traceback" not in err
     from pipeline.dataset import ShardedSplit
     assert os.fsencode(ShardedSplit(out, "train").classes[1]) == b"b\xff"
+
+
+def test_a_closed_stdout_is_status_141(monkeypatch, capsys):  # capsys: no real stdout fd to redirect
+    """BrokenPipeError from a command (its reader went away) ends quietly with 128 + SIGPIPE."""
+    import tools.cmd_data
+    from tools.cli import CLOSED_PIPE
+
+    def closed(args):
+        raise BrokenPipeError
+    monkeypatch.setattr(tools.cmd_data, "_info", closed)
+    assert CLOSED_PIPE == 141 and main(["info", "anything"]) == 141
 
 
 # --- a closed stdout ---------------------------------------------------------------------------

@@ -121,6 +121,7 @@ def test_one_lambda_per_batch_is_beta_over_steps_and_the_same_on_every_rank():
     assert abs(lam.mean().item() - 0.5) < 5 * np.sqrt(0.05 / n)
     assert abs(lam.var().item() - 0.05) < 5 * 0.0447 / np.sqrt(n)  # sd of the variance estimate, Beta(2, 2)
     assert lam.unique().numel() > 3900  # a new draw every step
+    assert ctx.lambdas(1, 0, 8).stride() == (1,)  # its own memory: pinning for a GPU copies it as is
 
 
 def test_lambda_deterministic():

@@ -16,6 +16,7 @@ from PIL import Image
 
 from helpers import K, make_converted, random_images
 from model.network import build_network
+from pipeline.dataset import ShardedSplit
 from pipeline.errors import DataError
 from pipeline.format import INDEX_FILE
 from tools.cli import main as cli
@@ -78,6 +79,17 @@ def _reference_probs(run_dir, pixels_hwc: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(x).permute(2, 0, 1)[None].float()
     with torch.no_grad():
         return torch.softmax(net.classifier(net.encoder(x)), dim=1)[0].numpy()
+
+
+def test_eval_split_evaluates_another_split_of_the_data(run, capsys):
+    """`iccl eval --split NAME`: the same model on another split; a split the data lack is refused
+    in one line that names the way out."""
+    from train.runner import evaluate_run
+    on_train = evaluate_run(run["run"], split="train")
+    assert on_train["num_samples"] == len(ShardedSplit(run["data"], "train"))
+    assert evaluate_run(run["run"])["num_samples"] == 16  # the run's own eval split, test
+    assert cli(["-q", "eval", "--run", str(run["run"]), "--split", "nope"]) == 2
+    assert "iccl eval --split NAME" in capsys.readouterr().err
 
 
 def test_predict_files_and_folders_with_an_unreadable_file(run):

@@ -246,6 +246,22 @@ def test_generated_lt_selection(tmp_path):
     assert len(source.splits["test"].labels) == 30
 
 
+@pytest.mark.slow  # converts 12,406 + 10,000 + 200 images and reads them back: ~20 s of CPU
+def test_convert_val_per_class_on_the_real_cifar10(cifar10_bin, tmp_path):
+    """`iccl convert cifar10-lt --val-per-class 20` at R = 100: 200 validation images; the head class
+    (all 5,000 kept) gives up 20, every other class keeps the literature's count."""
+    import json
+
+    from tools.cli import main
+    out = tmp_path / "c10"
+    assert main(["-q", "convert", "cifar10-lt", "--source", str(cifar10_bin), "--val-per-class", "20",
+                 "--out", str(out)]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["splits"]["val"]["class_counts"] == [20] * 10
+    assert meta["splits"]["train"]["class_counts"] == [4980, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert meta["source"]["val_taken_from_train"] == [20] + [0] * 9
+
+
 def test_validation_split_comes_from_the_left_out_training_images(tmp_path):
     """--val-per-class: balanced, disjoint from the train and test splits, drawn from the training
     images the long-tailed split leaves out; only the head class (which keeps all of its images)

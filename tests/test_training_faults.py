@@ -77,7 +77,7 @@ def test_precise_bn_is_the_average_of_the_last_epochs_batch_statistics():
     batches = [torch.randn(6, 3, 8, 8, dtype=torch.float64) * (1 + i) + i for i in range(3)]
     loader = _Loader(batches)
     stage = SimpleNamespace(epochs=5, net=net, loader=lambda epoch: loader,
-                            forward_inputs=lambda batch, epoch, step: batch)
+                            forward_inputs=lambda batch, epoch, step: [batch])
     ctx = SimpleNamespace(autocast=nullcontext, dist=SimpleNamespace(enabled=False))
     net.eval()
     recompute_bn_stats(ctx, stage)
@@ -88,6 +88,34 @@ def test_precise_bn_is_the_average_of_the_last_epochs_batch_statistics():
     variances = torch.stack([p.var(dim=(0, 2, 3), unbiased=True) for p in pre]).mean(0)
     torch.testing.assert_close(net.encoder.bn1.running_mean, means, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(net.encoder.bn1.running_var, variances, rtol=1e-10, atol=1e-12)
+
+
+def test_unfused_forward_is_refused_with_several_processes_before_anything_is_written(tiny, tmp_path,
+                                                                                    monkeypatch):
+    import train.context
+    from pipeline.errors import DataError
+    from train.config import resolve
+    monkeypatch.setattr(train.context, "init_from_env", lambda device: SimpleNamespace(
+        world_size=2, rank=0, enabled=True, is_main=True))
+    cfg = resolve("synthetic-lt", "iccl", {"fused_forward": "false"}, data=str(tiny), batch_size=4)
+    with pytest.raises(DataError, match="one process"):
+        train.context.build_context(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    ce = resolve("synthetic-lt", "ce", {"fused_forward": "false"}, data=str(tiny), batch_size=4)
+    train.context.build_context(ce, tmp_path / "ce").close()  # CE has one forward: nothing to refuse
+
+
+def test_precise_bn_sees_the_forwards_training_ran():
+    """Stage1.forward_inputs: the warm-up's x_a; in the interpolative phase one fused [x_a; x_mix],
+    or x_a and x_mix apart with fused_forward=false (batch statistics of each branch alone)."""
+    from train.stage1 import Stage1
+    x_a, x_mix = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
+    for fused, phase, expected in ((True, "warmup", [x_a]), (True, "iccl", [torch.cat([x_a, x_mix])]),
+                                   (False, "iccl", [x_a, x_mix])):
+        stage = SimpleNamespace(cfg=SimpleNamespace(fused_forward=fused), phase=lambda epoch, p=phase: p,
+                                _inputs=lambda batch, e, s, p: (x_a, None if p == "warmup" else x_mix, None))
+        got = Stage1.forward_inputs(stage, None, 0, 0)
+        assert len(got) == len(expected) and all(torch.equal(g, e) for g, e in zip(got, expected))
 
 
 # --- checkpoints on time, whatever the log interval ---------------------------------------------

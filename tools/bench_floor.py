@@ -4,8 +4,8 @@
 Per image: decode with the fastest decoder for the format (simplejpeg for JPEG, `pipeline.codecs`
 for PNG), then the same augmentation the loaders apply, with OpenCV on uint8 and no framework:
   rrc       the crop box (`pipeline.augment.draw_params`, the loaders' own distribution), one
-            `cv2.resize` of the crop view to size x size (INTER_AREA when it shrinks, INTER_LINEAR
-            when it enlarges: every loader's resize is antialiased -- Pillow's reducing bilinear,
+            `cv2.resize` of the crop view to size x size (INTER_AREA when the crop has more pixels
+            than the output, else INTER_LINEAR: every loader's resize is antialiased -- Pillow's reducing bilinear,
             DALI's antialiased linear, FFCV's INTER_AREA -- and a plain bilinear one, 3x cheaper
             here, would be a floor below the work), `cv2.flip`, and
             colour jitter as three plain passes: per-channel histograms (`cv2.calcHist`) give the

@@ -226,7 +226,8 @@ def run(work: Path, *, scale: float = 1.0, datasets=DATASETS, skip=(), ffcv: boo
         step("bench-convert", lambda: _bench_convert(kind, tree, base / "bench-convert", workers))
         step("info", lambda: timed_command(_cli("info", str(data), "--json")))
         step("verify", lambda: timed_command(_cli("verify", str(data), "--workers", str(workers))))
-        if ffcv and "skipped" in res.get("first-batch", {}).get("ffcv", {}):
+        if (ffcv and "first-batch" not in skip and (data / "train.beton").is_file()
+                and "skipped" in res.get("first-batch", {}).get("ffcv", {})):
             del res["first-batch"]  # measured before the .beton existed: again, with FFCV this time
         step("first-batch", lambda: {ld: first_batch_in_fresh_process(str(data), ld, 128, workers)
                                      for ld in LOADERS})

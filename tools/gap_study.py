@@ -89,19 +89,25 @@ def _short(result: dict | None) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    arms = "\n".join(f"  {name:18} {what}" for name, (what, _) in {**STAGE1_ARMS, **STAGE2_ARMS}.items())
     p = argparse.ArgumentParser(prog="python3 -m tools.gap_study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog="arms:\n" + arms, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, type=Path, help="the official CIFAR-10 download")
     p.add_argument("--out", required=True, type=Path, help="data and runs (resumable)")
     p.add_argument("--results", type=Path, help="where the small result files go (e.g. results/gap-study)")
-    p.add_argument("--arms", help=f"comma-separated, in this order (default all): {','.join(ORDER)}")
+    p.add_argument("--arms", help=f"comma-separated (default all); they run in this order whatever the "
+                                  f"order given: {','.join(ORDER)}")
     p.add_argument("--epochs", type=int, default=EPOCHS, help=f"stage-1 epochs (default {EPOCHS})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed of every arm (default 0)")
     args = p.parse_args(argv)
     try:
         return _run(args)
     except DataError as e:
         print(f"gap_study: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out / --results unwritable or full
+        print(f"gap_study: {e.filename or ''}: {e.strerror or e}; choose a writable folder with free "
+              f"space and rerun.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the training loop has saved where it stopped
         print("gap_study: interrupted; rerun the same command to resume.", file=sys.stderr)
@@ -118,7 +124,8 @@ def _run(args) -> int:
     from train.runner import train
     from train.stage2_from import stage2_run_config
 
-    arms = ORDER if not args.arms else tuple(a.strip() for a in args.arms.split(","))
+    asked = ORDER if not args.arms else tuple(a.strip() for a in args.arms.split(","))
+    arms = tuple(sorted(asked, key=lambda a: ORDER.index(a) if a in ORDER else -1))  # base first
     data = args.out / "data"
     plans = stage1_configs(arms, args.epochs, args.seed, data)  # checked before anything is written
     if not (data / META_FILE).is_file():

@@ -25,14 +25,15 @@ from train.distributed import all_reduce_sum
 
 def recompute_bn_stats(ctx, stage) -> None:
     """Replace the running statistics of every batch-norm layer of `stage.net` by their average
-    over the batches of the stage's last epoch (`stage.forward_inputs` gives each batch's input)."""
+    over the forwards of the stage's last epoch (`stage.forward_inputs` gives each step's inputs:
+    one fused batch, or one per branch as an unfused run trained)."""
     epoch = stage.epochs - 1
     loader = stage.loader(epoch)
     loader.load_state_dict({"epoch": epoch, "step": 0, "skipped": loader.skipped})
 
     def inputs():
         for step, batch in enumerate(loader):
-            yield stage.forward_inputs(batch, epoch, step)
+            yield from stage.forward_inputs(batch, epoch, step)
 
     with torch.no_grad(), ctx.autocast():
         update_bn(inputs(), stage.net)

@@ -108,7 +108,7 @@ class Context:
         g = torch.Generator().manual_seed(_seed_of(self.cfg.seed, _LAMBDA_STREAM, epoch, step))
         n_global = n_local * self.dist.world_size
         lam = sample_lambda(n_global if self.cfg.lambda_per == "sample" else 1, self.cfg.alpha, g,
-                            torch.device("cpu"), b=self.cfg.alpha_b).expand(n_global)
+                            torch.device("cpu"), b=self.cfg.alpha_b).expand(n_global).clone()
         return upload(lam[self.dist.rank * n_local:(self.dist.rank + 1) * n_local], self.device)
 
     def mix(self, x_a_u8, x_c_u8, lam):
@@ -152,8 +152,12 @@ def build_context(cfg: Config, run_dir: Path, with_eval: bool = True, training: 
     if with_eval:
         if cfg.eval_split not in train.meta["splits"]:
             raise DataError(f"{cfg.data}: no {cfg.eval_split!r} split to evaluate on (it has "
-                            f"{sorted(train.meta['splits'])}); pass --set eval_split=NAME")
+                            f"{sorted(train.meta['splits'])}); choose one of them (`iccl train --set "
+                            f"eval_split=NAME`, `iccl eval --split NAME`)")
         eval_split = ShardedSplit(cfg.data, cfg.eval_split)
+    if training and not cfg.fused_forward and cfg.method == "iccl" and dist.world_size > 1:
+        raise DataError("fused_forward=false runs two forwards before one backward, which "
+                        "DistributedDataParallel refuses; run it as one process (no torchrun).")
     if training:
         # Checked before anything is written, so that a refused run can be corrected and started
         # again into the same folder; a run that exists already (resume) is not probed for writing.

@@ -39,7 +39,7 @@ PRESETS: dict[str, dict] = {
         mean=_IMAGENET_MEAN, std=_IMAGENET_STD, epochs=60, batch_size=64, lr=0.1, lr_ref_batch=256,
         weight_decay=5e-4, schedule="cosine", lr_warmup_epochs=0, warmup_epochs=30,
         s2_epochs=10, s2_lr=0.1, s2_finetune_encoder=False),
-    # The embedded demo: about a minute on 2 CPU cores; the CIFAR recipe's shape at 30 epochs, with
+    # The embedded demo: about 2 minutes on 2 CPU cores; the CIFAR recipe's shape at 30 epochs, with
     # three values chosen on the synthetic data's validation split (README, "The demo"; never on
     # its test split): a 5-epoch warm-up (T_w 15 left the interpolative phase 5 epochs at the full
     # lr: stage 1 55.8 -> 68.3 on seed 0), w_u kept after it (the CIFAR rule's w_u = 0 cost 6

@@ -41,9 +41,6 @@ class Stage1:
     def __init__(self, ctx, net: ICCLNet, bank: CentroidBank):
         self.ctx, self.cfg, self.net, self.bank = ctx, ctx.cfg, net, bank
         cfg = self.cfg
-        if not cfg.fused_forward and ctx.dist.enabled:
-            raise DataError("fused_forward=false runs two forwards before one backward, which "
-                            "DistributedDataParallel refuses; run it as one process (no torchrun).")
         if cfg.method == "ce":  # no projection loss: keep DDP from waiting on unused gradients
             net.projector.requires_grad_(False)
         self.model = wrap(ctx, net)
@@ -82,10 +79,13 @@ class Stage1:
         lam = self.ctx.lambdas(epoch, step, batch.x_a.shape[0])
         return (*self.ctx.mix(batch.x_a, batch.x_c, lam), lam)
 
-    def forward_inputs(self, batch, epoch: int, step: int) -> torch.Tensor:
-        """What the network's forward sees at this step: x_a, or the fused [x_a; x_mix]."""
+    def forward_inputs(self, batch, epoch: int, step: int) -> list[torch.Tensor]:
+        """The inputs of the network's forwards at this step: [x_a] in the warm-up, [[x_a; x_mix]]
+        fused, or [x_a, x_mix] with fused_forward=false (one forward each, as training ran them)."""
         x_a, x_mix, _ = self._inputs(batch, epoch, step, self.phase(epoch))
-        return x_a if x_mix is None else torch.cat([x_a, x_mix])
+        if x_mix is None:
+            return [x_a]
+        return [torch.cat([x_a, x_mix])] if self.cfg.fused_forward else [x_a, x_mix]
 
     def train_step(self, batch, epoch: int, step: int) -> torch.Tensor:
         ctx, phase = self.ctx, self.phase(epoch)

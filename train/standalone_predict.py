@@ -36,8 +36,9 @@ def image_paths(inputs: list[str]) -> list[str]:
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            out += sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                          and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                     and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+            out += [str(p) for p in sorted(found, key=lambda p: p.parts)]  # as `iccl predict` orders them
         else:
             out.append(name)
     return out

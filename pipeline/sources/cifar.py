@@ -19,9 +19,11 @@ with numpy's legacy generator seeded once; the test set stays whole and balanced
 Optionally (`val_per_class`), a balanced validation split "val" drawn from the training images the
 long-tailed subset leaves out (CIFAR-10-LT at R = 100 uses 12,406 of the 50,000): choices can then be
 made on images that are neither trained on nor in the test set, without taking the few images of a
-tail class away from training (a per-class carve, `val_fraction`, must). Only the head class keeps
-all of its n_max images, so it alone gives up val_per_class of them (CIFAR-10-LT, 200 per class:
-5,000 -> 4,800); every other class trains on exactly the literature's images.
+tail class away from training (a per-class carve, `val_fraction`, must). A class with too few
+left-out images gives up the rest from its training images: in CIFAR-10-LT at R = 100 with 200 per
+class only the head class does (it keeps all n_max of its images: 5,000 -> 4,800); in CIFAR-100-LT
+the first classes do. meta.json's description records them (`val_taken_from_train`); every other
+class trains on exactly the literature's images.
 """
 from __future__ import annotations
 
