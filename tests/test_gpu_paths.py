@@ -66,7 +66,8 @@ def test_small_per_step_copies_go_through_upload(monkeypatch, loader):
     else:
         import train.context as context
         monkeypatch.setattr(context, "upload", recording)
-        ctx = SimpleNamespace(cfg=SimpleNamespace(seed=0, alpha=1.0, alpha_b=1.0), device=torch.device("cpu"),
+        ctx = SimpleNamespace(cfg=SimpleNamespace(seed=0, alpha=1.0, alpha_b=1.0, lambda_per="sample"),
+                              device=torch.device("cpu"),
                               dist=SimpleNamespace(rank=1, world_size=2))
         assert context.Context.lambdas(ctx, 0, 0, 4).shape == (4,)
         assert calls == [(4,)]

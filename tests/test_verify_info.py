@@ -173,7 +173,7 @@ def test_cli_convert_passes_the_options(tmp_path, monkeypatch, capsys):
     assert tools.cli.main(["-q", "convert", "synthetic-lt", "--classes", "3", "--image-size", "16",
                            "--out", str(out), "--shard-size", "5", "--workers", "1"]) == 0
     assert asked == {"num_classes": 3, "image_size": 16, "imbalance": 100.0, "max_per_class": 500,
-                     "test_per_class": 100, "seed": 0}
+                     "test_per_class": 100, "val_per_class": 100, "seed": 0}
     assert "arrays -> " in capsys.readouterr().out
     assert json.loads((out / "meta.json").read_text())["options"]["shard_size"] == 5
 
