@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import DataError
-from pipeline.sources.cifar import load_cifar_lt, long_tail_counts, long_tail_indices, read_cifar
+from pipeline.sources.cifar import load_cifar_lt, read_cifar
+from pipeline.sources.long_tail import long_tail_counts, long_tail_indices
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

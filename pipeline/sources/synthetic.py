@@ -45,7 +45,7 @@ import numpy as np
 
 from pipeline.errors import DataError
 from pipeline.sources.base import Source, SourceSplit
-from pipeline.sources.cifar import long_tail_counts
+from pipeline.sources.long_tail import long_tail_counts
 
 PAIR_ANGLE = math.radians(40)    # orientation difference between the two classes of a pair
 ANGLE_JITTER = math.radians(9)   # per-image orientation noise (standard deviation)
