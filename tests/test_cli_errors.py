@@ -93,7 +93,7 @@ BAD_INPUTS = [
     ("convert val-per-class for a folder", ["convert", "folder", "--root", "{tmp}", "--out", "{out}",
                                             "--val-per-class", "3"], "--val-per-class does not apply"),
     ("convert negative val-per-class", ["convert", "synthetic-lt", "--out", "{out}", "--val-per-class", "-1"],
-     "validation count"),
+     "--val-per-class -1: must be 0"),
     ("info of no dataset", ["info", "{tmp}/none"], "no such folder"),
     ("info of a cut meta.json", ["info", "{cut}"], "iccl verify"),
     ("verify workers", ["verify", "{tiny}", "--workers", "0"], "--workers 0"),

@@ -40,3 +40,10 @@ def test_unknown_arm_is_refused_before_anything_is_written(tmp_path, capsys):
     assert "--arms nope" in capsys.readouterr().err and not (tmp_path / "o").exists()
     with pytest.raises(DataError):
         stage1_configs(("nope",), 60, 0, tmp_path)
+
+
+def test_a_missing_download_is_one_line_before_anything_is_written(tmp_path, capsys):
+    assert main(["--source", str(tmp_path / "none.tar.gz"), "--out", str(tmp_path / "o"), "--arms", "base"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("gap_study: ") and "none.tar.gz" in err[0]
+    assert not (tmp_path / "o").exists()

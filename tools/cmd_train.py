@@ -248,7 +248,8 @@ def cmd_eval(args) -> int:
         return _eval_seeds(args)
     result = evaluate_run(args.run, stage=args.stage, data=args.data, loader=args.loader, split=args.split)
     if _is_main():
-        print_table(results_table({f"stage {args.stage}": result}, f"{args.run}: top-1 %"))
+        split = f" on {args.split}" if args.split else ""
+        print_table(results_table({f"stage {args.stage}": result}, f"{args.run}{split}: top-1 %"))
         if args.json:
             write_json(args.json, result)
     return 0
@@ -263,8 +264,9 @@ def _eval_seeds(args) -> int:
     results = [evaluate_run(args.run / f"seed-{s}", stage=args.stage, data=args.data, loader=args.loader,
                             split=args.split) for s in seeds]
     if _is_main():
+        split = f" on {args.split}" if args.split else ""
         print_table(mean_std_table({f"stage {args.stage}": results},
-                                   f"{args.run}: top-1 % over seeds {','.join(map(str, seeds))}"))
+                                   f"{args.run}{split}: top-1 % over seeds {','.join(map(str, seeds))}"))
         if args.json:
             write_json(args.json, {"seeds": seeds, "mean": mean_std(results),
                                    "per_seed": {f"seed-{s}": r for s, r in zip(seeds, results)}})

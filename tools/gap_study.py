@@ -129,8 +129,9 @@ def _run(args) -> int:
     data = args.out / "data"
     plans = stage1_configs(arms, args.epochs, args.seed, data)  # checked before anything is written
     if not (data / META_FILE).is_file():
+        source = load_cifar_lt(args.source, 10, 100, seed=0, val_per_class=VAL_PER_CLASS)  # checked first
         say(f"converting {args.source} to CIFAR-10-LT (R = 100, {VAL_PER_CLASS} validation images per class)")
-        convert(load_cifar_lt(args.source, 10, 100, seed=0, val_per_class=VAL_PER_CLASS), data)
+        convert(source, data)
     summary_path = args.results / "summary.json" if args.results else None
     summary = json.loads(summary_path.read_text()) if summary_path and summary_path.is_file() else {}
     summary.setdefault("arms", {})

@@ -65,9 +65,10 @@ def make_synthetic_lt(num_classes: int = 10, image_size: int = 32, imbalance: fl
         raise DataError(f"synthetic data: num_classes {num_classes}, must be at least 2.")
     if not (imbalance >= 1 and math.isfinite(imbalance)):
         raise DataError(f"synthetic data: imbalance {imbalance}, must be a number >= 1.")
-    if image_size < 8 or max_per_class < 1 or test_per_class < 1 or val_per_class < 0:
-        raise DataError("synthetic data: image_size must be at least 8, the training and test counts "
-                        "at least 1 and the validation count at least 0.")
+    if image_size < 8 or max_per_class < 1 or test_per_class < 1:
+        raise DataError("synthetic data: image_size must be at least 8 and the per-class counts at least 1.")
+    if val_per_class < 0:
+        raise DataError(f"--val-per-class {val_per_class}: must be 0 (no validation split) or more.")
 
     rng = np.random.default_rng(seed)
     classes = _class_parameters(num_classes, rng)
