@@ -34,22 +34,27 @@ def _setup(seed=0, n=5, k=4):
     return net, x_a, x_m, y_a, y_c, lam, cents
 
 
-def test_iccl_phase_is_eq8():
-    net, x_a, x_m, y_a, y_c, lam, cents = _setup()
-    w = LossWeights(w_u=0.3, w_il=0.7, tau=0.1)
-    loss, z_a = stage1_loss(net, cents, "iccl", x_a, y_a, x_m, y_c, lam, w)
+def _eq8_reference(net, x_a, x_m, y_a, y_c, lam, cents, w_u, w_il, tau=0.1):
+    """Eq. 8 in float64 numpy from two separate forwards; also the clean embeddings z_a."""
     with torch.no_grad():
         _, la, za = net(x_a)
         _, lm, zm = net(x_m)
     la, lm, zm, c, l = la.numpy(), lm.numpy(), zm.numpy(), cents.numpy(), lam.numpy()
     r = np.arange(len(l))
     ce_u = -_log_softmax(la)[r, y_a].mean()
-    lp = _log_softmax(lm)
+    lp, lc = _log_softmax(lm), _log_softmax(zm @ c.T / tau)
     ce_il = -(l * lp[r, y_a] + (1 - l) * lp[r, y_c]).mean()
-    lc = _log_softmax(zm @ c.T / 0.1)
     cc_il = -(l * lc[r, y_a] + (1 - l) * lc[r, y_c]).mean()
+    return w_u * ce_u + w_il * (ce_il + cc_il), za
+
+
+def test_iccl_phase_is_eq8():
+    net, x_a, x_m, y_a, y_c, lam, cents = _setup()
+    w = LossWeights(w_u=0.3, w_il=0.7, tau=0.1)
+    loss, z_a = stage1_loss(net, cents, "iccl", x_a, y_a, x_m, y_c, lam, w)
+    expected, za = _eq8_reference(net, x_a, x_m, y_a, y_c, lam, cents, w_u=0.3, w_il=0.7)
     # 1e-6: the projection is L2-normalised in float32 by design, the rest is float64.
-    assert abs(loss.item() - (0.3 * ce_u + 0.7 * (ce_il + cc_il))) < 1e-6
+    assert abs(loss.item() - expected) < 1e-6
     assert torch.allclose(z_a, za)
 
 
@@ -66,14 +71,7 @@ def test_unfused_forward_normalises_each_branch_by_its_own_batch_statistics():
     w = LossWeights(w_u=0.5)
     unfused, z_a = stage1_loss(net, cents, "iccl", x_a, y_a, x_m, y_c, lam, w, fused=False)
     fused, _ = stage1_loss(net, cents, "iccl", x_a, y_a, x_m, y_c, lam, w)
-    with torch.no_grad():
-        _, la, za = net(x_a)
-        _, lm, zm = net(x_m)
-    la, lm, zm, c, l = la.numpy(), lm.numpy(), zm.numpy(), cents.numpy(), lam.numpy()
-    r = np.arange(len(l))
-    lp, lc = _log_softmax(lm), _log_softmax(zm @ c.T / 0.1)
-    expected = (0.5 * -_log_softmax(la)[r, y_a].mean() - (l * lp[r, y_a] + (1 - l) * lp[r, y_c]).mean()
-                - (l * lc[r, y_a] + (1 - l) * lc[r, y_c]).mean())
+    expected, za = _eq8_reference(net, x_a, x_m, y_a, y_c, lam, cents, w_u=0.5, w_il=1.0)
     assert abs(unfused.item() - expected) < 1e-6
     assert torch.allclose(z_a, za) and abs(fused.item() - unfused.item()) > 1e-3
 
