@@ -49,6 +49,22 @@ def test_plan_is_the_checks_then_the_benchmarks_then_the_recipe(tmp_path, cifar)
     assert sum(s.share_s for s in steps[:-1]) < 480 - gpu_check.END_MARGIN_S
 
 
+def test_converted_cifar_data_is_trained_on_as_it_is(tmp_path, monkeypatch):
+    steps = gpu_check.plan(gpu_check.parse_args(["--quick", "--cifar-data", str(tmp_path / "c10")]))
+    recipe = steps[-1].commands
+    assert len(recipe) == 1 and recipe[0][4] == "train" and str(tmp_path / "c10") in recipe[0]
+    with pytest.raises(SystemExit) as e:
+        gpu_check.parse_args(["--cifar-data", "d", "--cifar-source", "s.tar.gz"])
+    assert e.value.code == 2
+
+
+def test_subprocesses_keep_the_callers_python_path(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/opt/site")
+    assert gpu_check.python_path().split(":") == [str(gpu_check.ROOT), "/opt/site"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert gpu_check.python_path() == str(gpu_check.ROOT)
+
+
 def test_dry_run_needs_no_gpu_and_a_real_run_says_it_needs_one(capsys, tmp_path):
     assert gpu_check.main(["--dry-run", "--quick", "--out", str(tmp_path)]) == 0
     assert "time limit 480 s" in capsys.readouterr().out
@@ -66,6 +82,8 @@ def test_steps_are_bounded_by_the_time_limit(monkeypatch, tmp_path):
     assert gpu_check.run_step(sub, 1, tmp_path).status == "timeout"  # the time left bounds it
     assert time.monotonic() - t < 4
     assert gpu_check.run_step(slow, 0.2, tmp_path).status == "skipped"
+    quick = gpu_check.Step("quick", 0.1, run=lambda: "done")  # a share under MIN_STEP_S still runs
+    assert gpu_check.run_step(quick, 100, tmp_path).status == "ok"
     assert (tmp_path / "slow-sub.log").read_text().startswith("$ ")
 
 

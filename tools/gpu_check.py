@@ -83,9 +83,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     help="generated and converted data (default: a temp folder)")
     ap.add_argument("--cifar-source", type=Path, metavar="PATH",
                     help="the CIFAR-10 download (as `iccl convert cifar10-lt --source` takes) for the "
-                         "recipe; without it the recipe runs on synthetic data of the same shape")
+                         "recipe; without it (or --cifar-data) the recipe runs on synthetic data of the "
+                         "same shape")
+    ap.add_argument("--cifar-data", type=Path, metavar="DIR",
+                    help="CIFAR-10-LT (R = 100) already converted by `iccl convert cifar10-lt`, used "
+                         "as it is instead of converting --cifar-source")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
     args = ap.parse_args(argv)
+    if args.cifar_source and args.cifar_data:
+        ap.error("--cifar-source and --cifar-data: give one (the download, or the converted data)")
     if args.time_limit is None:
         args.time_limit = DEFAULT_LIMIT_S[args.quick]
     if args.time_limit <= END_MARGIN_S + MIN_STEP_S:
@@ -136,14 +142,17 @@ def plan(args: argparse.Namespace) -> list[Step]:
         return summary
 
     recipe_data, run = work / "cifar10-lt-100", out / "recipe-cifar10-lt-iccl"
-    if args.cifar_source:
+    real_data = bool(args.cifar_source or args.cifar_data)
+    if args.cifar_data:
+        recipe_data, convert = args.cifar_data, None
+    elif args.cifar_source:
         convert = ["convert", "cifar10-lt", "--source", str(args.cifar_source), "--imbalance", "100"]
     else:
         recipe_data = work / "synthetic-cifar10-lt-shape"
         convert = ["convert", "synthetic-lt", "--classes", "10", "--imbalance", "100",
                    "--max-per-class", "5000", "--test-per-class", "1000"]
-    recipe = [_iccl(*convert, "--out", str(recipe_data)),
-              _iccl("train", "--preset", "cifar10-lt", "--data", str(recipe_data), "--out", str(run),
+    recipe = [_iccl(*convert, "--out", str(recipe_data))] if convert else []
+    recipe += [_iccl("train", "--preset", "cifar10-lt", "--data", str(recipe_data), "--out", str(run),
                     "--loader", "resident")]
     return [
         Step("bench data", cap(60, 240), run=data),
@@ -168,7 +177,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
              summarise=train_summary("resnet50")),
         Step("CIFAR-10-LT ICCL recipe (200 + 10 epochs)", float("inf"),
              commands=recipe,
-             summarise=lambda: recipe_summary(run, bool(args.cifar_source))),
+             summarise=lambda: recipe_summary(run, real_data)),
     ]
 
 
@@ -198,10 +207,11 @@ def _on_alarm(signum, frame):
 
 
 def run_step(step: Step, left_s: float, out: Path) -> Row:
-    """Run one step with at most min(its share, left_s) seconds."""
-    budget = min(step.share_s, left_s)
-    if budget < MIN_STEP_S:
+    """Run one step with at most min(its share, left_s) seconds; skipped when less than
+    MIN_STEP_S is left (a step whose own share is shorter still runs)."""
+    if left_s < MIN_STEP_S:
         return Row(step.name, "skipped", f"time limit: {left_s:.0f} s left")
+    budget = min(step.share_s, left_s)
     t = time.perf_counter()
     try:
         if step.run is not None:
@@ -219,7 +229,7 @@ def run_step(step: Step, left_s: float, out: Path) -> Row:
                     f.write(f"$ {' '.join(command)}\n")
                     f.flush()
                     proc = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                          env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                          env={**os.environ, "PYTHONPATH": python_path()},
                                           timeout=max(1.0, end - time.monotonic()))
                 if proc.returncode != 0:
                     tail = log.read_text()[-300:].strip().replace("\n", " | ")
@@ -236,6 +246,12 @@ def run_step(step: Step, left_s: float, out: Path) -> Row:
         import traceback
         traceback.print_exc()
         return Row(step.name, "FAIL", f"{type(e).__name__}: {e}"[:400], time.perf_counter() - t)
+
+
+def python_path() -> str:
+    """PYTHONPATH for the `iccl` subprocesses: this checkout first, then what the caller had
+    (packages installed with `pip install --target` are found through it)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
 def log_name(step: str) -> str:
