@@ -21,6 +21,17 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def cifar10_bin(shared_data, tmp_path_factory) -> Path:
+    """The official CIFAR-10 binary version, rebuilt from the real data (md5-checked by its
+    build.py): the folder, with cifar-10-binary.tar.gz in it."""
+    import subprocess
+    out = tmp_path_factory.mktemp("cifar10")
+    subprocess.run([sys.executable, str(shared_data / "cifar10" / "build.py"), str(out), "--tar"],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_trained_run(tmp_path_factory) -> dict:
     """One tiny finished run shared by the tests of predict, export, pictures and TensorBoard
     (`helpers.train_tiny_run`; ~10-40 s on 2 busy cores, so its users are marked slow)."""

@@ -62,11 +62,26 @@ def test_bench_data_labels_are_long_tailed():
 def test_photo_mosaic_is_photo_sized():
     rng = np.random.default_rng(0)
     grain = rng.normal(0, bench_data.GRAIN, (600, 600, 3)).astype(np.float32)
-    for tiles in (bench_data.noise_tiles(50, rng), bench_data.cifar_tiles()):
-        if tiles is None:  # no CIFAR sheet beside this checkout
-            continue
-        img = bench_data.photo_mosaic(tiles, 375, 500, grain, rng)
-        assert img.shape == (375, 500, 3) and img.dtype == np.uint8 and img.std() > 20
+    tiles, content = bench_data.photo_tiles(None, rng)
+    assert content == "smooth-noise tiles" and tiles.shape == (2000, 32, 32, 3)
+    img = bench_data.photo_mosaic(tiles, 375, 500, grain, rng)
+    assert img.shape == (375, 500, 3) and img.dtype == np.uint8 and img.std() > 20
+
+
+def test_photo_tiles_are_the_cifar10_test_images(cifar10_bin):
+    from pipeline.sources.cifar import read_cifar
+    tiles, content = bench_data.photo_tiles(cifar10_bin / "cifar-10-binary.tar.gz", np.random.default_rng(0))
+    assert content == "CIFAR-10 test images" and tiles.shape == (10000, 32, 32, 3)
+    np.testing.assert_array_equal(tiles, read_cifar(cifar10_bin, 10).test_images)
+
+
+def test_tiles_from_something_else_is_a_clear_error(tmp_path, capsys):
+    bogus = tmp_path / "photos.tar.gz"
+    bogus.write_bytes(b"not a tar")
+    args = ["bench", "pipeline", "--make-data", str(tmp_path / "d"), "--images", "10", "--tiles-from", str(bogus)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert str(bogus) in err and "Traceback" not in err
 
 
 @pytest.mark.slow  # writes photos and a .beton, runs every loader twice, FFCV compiles: ~10 s

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.dataset import ShardedSplit
 from tools.cli import main
-from tools.lt_trees import make_tree, scaled
+from tools.lt_trees import COUNTS_FILE, load_counts, make_tree, scaled
 
 TRAIN = {"ImageNet_LT_train_cls_num": [40, 12, 5, 2], "iNaturalist18_train_cls_num": [9, 4, 2]}
 
@@ -68,12 +68,24 @@ def test_bad_arguments_are_clear(tmp_path, counts, capsys):
     assert "--scale" in capsys.readouterr().err
 
 
+def test_shipped_counts_are_the_published_sizes():
+    """The counts shipped in tools/data against the datasets' published sizes: ImageNet-LT
+    115,846 training images over 1,000 classes (1,280 to 5 per class), iNaturalist 2018 437,513
+    over 8,142 (1,000 to 2)."""
+    for kind, (classes, total, most, least) in {"imagenet-lt": (1000, 115_846, 1280, 5),
+                                                "inat2018": (8142, 437_513, 1000, 2)}.items():
+        n = load_counts(kind, None)
+        assert (len(n), int(n.sum()), int(n.max()), int(n.min())) == (classes, total, most, least)
+
+
 def test_real_lists_and_counts(shared_data, tmp_path):
     splits = shared_data / "splits"
     if not (splits / "ImageNet_LT_test.txt").is_file():
         pytest.skip(f"{splits} not present")
     real = json.loads((splits / "train_class_counts_from_LiVT.json").read_text())
-    rec = make_tree("imagenet-lt", tmp_path / "t", scale=0.01, workers=2)
+    shipped = json.loads(COUNTS_FILE.read_text())
+    assert all(shipped[k] == real[k] for k in ("ImageNet_LT_train_cls_num", "iNaturalist18_train_cls_num"))
+    rec = make_tree("imagenet-lt", tmp_path / "t", scale=0.01, workers=2, lists_dir=splits)
     assert rec["real_lists"] == {"val": True, "test": True} and rec["num_classes"] == 1000
     assert rec["images"] == {"train": int(scaled(real["ImageNet_LT_train_cls_num"], 0.01).sum()),
                              "val": 1000, "test": 1000}

@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -27,15 +25,6 @@ CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 
 
 # ---- the real CIFAR-10 -----------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def cifar10_bin(shared_data, tmp_path_factory) -> Path:
-    """The official binary version, rebuilt (md5-checked by build.py): folder + .tar.gz."""
-    out = tmp_path_factory.mktemp("cifar10")
-    subprocess.run([sys.executable, str(shared_data / "cifar10" / "build.py"), str(out), "--tar"],
-                   check=True, capture_output=True)
-    return out
-
 
 @pytest.fixture(scope="session")
 def cifar10(cifar10_bin):

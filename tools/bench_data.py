@@ -11,8 +11,9 @@ stream really re-weights) and stored exactly as `iccl convert` stores real data:
           so real data decodes somewhat slower). Stored as they are (no re-encoding).
   tiny    CIFAR-size: the CIFAR-10 test images themselves, 32x32, lossless PNG (the CIFAR-LT format).
 
-The CIFAR-10 test images come from the lossless sheet beside the development checkout
-(`CIFAR_SHEET`); without it, tiles of smooth multi-octave noise stand in (content less like
+The CIFAR-10 test images are read from the CIFAR-10 download the caller names (`tiles_from`,
+`--tiles-from` on the command line: the .tar.gz or its extracted folder, binary or python
+version); without one, tiles of smooth multi-octave noise stand in (content less like
 photographs, sizes and formats unchanged). An FFCV `.beton` is added when ffcv is installed.
 """
 from __future__ import annotations
@@ -28,7 +29,6 @@ from PIL import Image
 from pipeline.progress import progress, say
 from pipeline.sources.base import Source, SourceSplit
 
-CIFAR_SHEET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "test_batch.webp"
 NUM_CLASSES = 10
 IMBALANCE = 10.0
 # (height, width) and how often: ImageNet's photos are mostly 500 px on the long side, 4:3 first.
@@ -39,12 +39,17 @@ GRAIN = 4.0  # per-pixel Gaussian noise (sensor grain), in 0..255 units
 QUALITY = 90
 
 
-def cifar_tiles(sheet: Path = CIFAR_SHEET) -> Optional[np.ndarray]:
-    """The 10,000 CIFAR-10 test images, (10000, 32, 32, 3) uint8, or None without the sheet."""
-    if not sheet.is_file():
-        return None
-    grid = np.asarray(Image.open(sheet).convert("RGB"))  # a 100 x 100 grid of 32 x 32 images
-    return grid.reshape(100, 32, 100, 32, 3).transpose(0, 2, 1, 3, 4).reshape(-1, 32, 32, 3)
+def photo_tiles(tiles_from: Optional[Path], rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """(tiles, what they are): the 10,000 CIFAR-10 test images of the download `tiles_from`
+    ((10000, 32, 32, 3) uint8, read and md5-checked by `pipeline.sources.cifar.read_cifar`, which
+    raises DataError naming the file for anything else), or 2,000 noise tiles without one."""
+    if tiles_from is None:
+        say("no --tiles-from: smooth-noise tiles stand in for photographs (give the CIFAR-10 "
+            "download for photographic content)")
+        return noise_tiles(2000, rng), "smooth-noise tiles"
+    from pipeline.sources.cifar import read_cifar
+
+    return read_cifar(Path(tiles_from), 10).test_images, "CIFAR-10 test images"
 
 
 def noise_tiles(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -84,15 +89,12 @@ def long_tailed_labels(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_bench_data(out: Path, images: int = 2000, tiny: bool = False, seed: int = 0,
-                    workers: Optional[int] = None) -> dict:
+                    workers: Optional[int] = None, tiles_from: Optional[Path] = None) -> dict:
     """Write the bench dataset (module docstring) to `out` as a converted dataset with one split,
-    `train`; returns its meta.json content. A rerun with the same arguments finds it complete."""
+    `train`; returns its meta.json content. A rerun with the same arguments finds it complete.
+    Raises DataError for a `tiles_from` that is not a CIFAR-10 download."""
     rng = np.random.default_rng(seed)
-    tiles = cifar_tiles()
-    content = "CIFAR-10 test images" if tiles is not None else "smooth-noise tiles (no CIFAR sheet)"
-    if tiles is None:
-        say(f"{CIFAR_SHEET} not found: using smooth-noise tiles instead of CIFAR-10 photographs")
-        tiles = noise_tiles(2000, rng)
+    tiles, content = photo_tiles(tiles_from, rng)
     labels = long_tailed_labels(images, rng)
     description = {"content": content, "images": images, "seed": seed}
     if not tiny:

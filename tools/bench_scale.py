@@ -182,7 +182,7 @@ def evaluation_cost(train_counts: np.ndarray, num_samples: int, batch: int = 102
 # --- the run -------------------------------------------------------------------------------------
 def run(work: Path, *, scale: float = 1.0, datasets=DATASETS, skip=(), ffcv: bool = False,
         workers: Optional[int] = None, counts_file: Optional[Path] = None,
-        lists_dir: Optional[Path] = None) -> dict:
+        lists_dir: Optional[Path] = None, tiles_from: Optional[Path] = None) -> dict:
     """All steps (module docstring) for `datasets`, skipping finished ones and those in `skip`."""
     from tools.lt_trees import load_counts, make_tree
 
@@ -211,7 +211,7 @@ def run(work: Path, *, scale: float = 1.0, datasets=DATASETS, skip=(), ffcv: boo
             write_json(path, report)
 
         step("tree", lambda: make_tree(kind, tree, scale=scale, counts_file=counts_file,
-                                       lists_dir=lists_dir, workers=workers))
+                                       lists_dir=lists_dir, workers=workers, tiles_from=tiles_from))
         images = sum(res["tree"]["images"].values()) if "tree" in res else None
 
         def convert(extra=()):

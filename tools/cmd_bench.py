@@ -41,12 +41,12 @@ ffcv is installed:
            (sigma 4): real photographic content at ImageNet's size and about its entropy, ~70 KB a
            file (ImageNet averages ~110 KB)
   --tiny   --images N CIFAR-size images: the CIFAR-10 test images, 32x32, lossless PNG
-The CIFAR-10 images come from ../shared/data/cifar10/test_batch.webp beside the checkout; without
-it, smooth multi-octave noise tiles stand in.
+The CIFAR-10 test images are read from the download named by --tiles-from (the .tar.gz or its
+extracted folder, binary or python version); without it, smooth multi-octave noise tiles stand in.
 
 examples:
-  iccl bench pipeline --make-data /tmp/bench-photos --images 2000 --json photos.json
-  iccl bench pipeline --make-data /tmp/bench-tiny --tiny --images 10000 --batch-size 128
+  iccl bench pipeline --make-data /tmp/bench-photos --images 2000 --tiles-from cifar-10-binary.tar.gz --json photos.json
+  iccl bench pipeline --make-data /tmp/bench-tiny --tiny --images 10000 --tiles-from cifar-10-binary.tar.gz
   iccl bench pipeline --data data/imagenet-lt --loaders dali,reference --steps 50"""
 
 
@@ -79,6 +79,9 @@ def _register_pipeline(sub) -> None:
                      help="--make-data: number of images, at least 10 (default 2000)")
     src.add_argument("--tiny", action="store_true",
                      help="--make-data: 32x32 PNGs instead of ImageNet-size JPEGs")
+    src.add_argument("--tiles-from", type=Path, metavar="CIFAR10",
+                     help="--make-data: the CIFAR-10 download whose test images make the pictures "
+                          "(default: smooth-noise tiles)")
     src.add_argument("--split", default="train", help="split to read (default train)")
     run = p.add_argument_group("what to measure")
     run.add_argument("--loaders", default=",".join(LOADERS), metavar="LIST",
@@ -119,7 +122,8 @@ def _pipeline(args) -> int:
         from tools.bench_data import NUM_CLASSES, make_bench_data
         if args.images < NUM_CLASSES:
             raise DataError(f"--images {args.images}: must be at least {NUM_CLASSES} (one per class)")
-        make_bench_data(args.make_data, images=args.images, tiny=args.tiny, workers=args.workers)
+        make_bench_data(args.make_data, images=args.images, tiny=args.tiny, workers=args.workers,
+                        tiles_from=args.tiles_from)
         data = args.make_data
     report = run(data, split=args.split, loaders=loaders, batch_size=args.batch_size,
                  steps=args.steps, warmup=args.warmup, workers=args.workers, augment=args.augment,

@@ -22,14 +22,15 @@ imagenet-lt` / `iccl convert inat2018` run on it exactly as users run them on th
                OUT/lists/iNaturalist18_{train,val}.txt (or, with --json, OUT/root/train2018.json
                and val2018.json): 437,513 / 24,426 images over 8,142 classes
 
-Content: photographic mosaics (CIFAR-10 test images, as `iccl bench pipeline --make-data` uses),
-a pool of 256 JPEGs per tree; each file is a pool JPEG with its own name in a JPEG comment, so the
+Content: photographic mosaics of the CIFAR-10 test images (--tiles-from, as `iccl bench pipeline
+--make-data` uses them; smooth-noise tiles without it), a pool of 256 JPEGs per tree; each file is a pool JPEG with its own name in a JPEG comment, so the
 files differ and decode like photographs of their size. Writing is file copies in --workers
 processes: a few minutes for either tree at --scale 1 on 2 cores. A rerun finds a finished tree."""
 
 TREES_EPILOG = """\
 examples:
-  iccl bench lt-trees imagenet-lt --out /data/fake-imagenet-lt
+  iccl bench lt-trees imagenet-lt --out /data/fake-imagenet-lt --tiles-from cifar-10-binary.tar.gz \
+      --lists-dir ImageNet_LT_lists/   # the official ImageNet_LT_val.txt and ImageNet_LT_test.txt
   iccl convert imagenet-lt --root /data/fake-imagenet-lt/root --lists /data/fake-imagenet-lt/lists --out data/in-lt
   iccl bench lt-trees inat2018 --out /data/fake-inat --scale 0.01 --json
   iccl bench lt-trees inat2018 --out /tmp/t --counts my_counts.json --lists-dir my_lists/"""
@@ -87,12 +88,15 @@ def _common(p, scale: bool = True) -> None:
                             "(default 1: the real sizes)")
     p.add_argument("--counts", type=Path, metavar="FILE",
                    help="per-class training counts (JSON with ImageNet_LT_train_cls_num and "
-                        "iNaturalist18_train_cls_num; default: ../shared/data/splits/"
-                        "train_class_counts_from_LiVT.json beside the checkout)")
+                        "iNaturalist18_train_cls_num; default: the real counts, shipped in "
+                        "tools/data/lt_class_counts.json)")
     p.add_argument("--lists-dir", type=Path, metavar="DIR",
                    help="folder with the real ImageNet_LT_val.txt, ImageNet_LT_test.txt, "
-                        "iNaturalist18_val.txt (default: beside the counts file; without them "
+                        "iNaturalist18_val.txt (default: beside --counts when given; without them "
                         "lists of the published shape are made up)")
+    p.add_argument("--tiles-from", type=Path, metavar="CIFAR10",
+                   help="the CIFAR-10 download (.tar.gz or extracted, binary or python version) "
+                        "whose test images tile the JPEGs (default: smooth-noise tiles)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
                    help=f"processes (default: all {os.cpu_count()} cores)")
 
@@ -112,7 +116,8 @@ def _trees(args) -> int:
     from tools.lt_trees import make_tree
 
     rec = make_tree(args.kind, args.out, scale=args.scale, counts_file=args.counts,
-                    lists_dir=args.lists_dir, json_annotations=args.json, workers=args.workers)
+                    lists_dir=args.lists_dir, json_annotations=args.json, workers=args.workers,
+                    tiles_from=args.tiles_from)
     print(f"{args.kind}: {rec['files']:,} files ({', '.join(f'{s} {n:,}' for s, n in rec['images'].items())}) "
           f"in {rec['root']}" + (f", lists in {rec['lists']}" if rec["lists"] else ""))
     return 0
@@ -187,7 +192,8 @@ def _scale(args) -> int:
     if skip - set(STEPS):
         raise DataError(f"--skip: unknown steps {sorted(skip - set(STEPS))}; they are {', '.join(STEPS)}")
     report = run(args.work, scale=args.scale, datasets=datasets, skip=skip, ffcv=args.ffcv,
-                 workers=args.workers, counts_file=args.counts, lists_dir=args.lists_dir)
+                 workers=args.workers, counts_file=args.counts, lists_dir=args.lists_dir,
+                 tiles_from=args.tiles_from)
     table = Table(title=f"real-size measurements, --scale {args.scale:g}, {report['workers']} workers")
     for name in ("dataset", "measurement", "result"):
         table.add_column(name)

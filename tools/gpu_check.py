@@ -82,9 +82,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, metavar="DIR",
                     help="generated and converted data (default: a temp folder)")
     ap.add_argument("--cifar-source", type=Path, metavar="PATH",
-                    help="the CIFAR-10 download (as `iccl convert cifar10-lt --source` takes) for the "
-                         "recipe; without it (or --cifar-data) the recipe runs on synthetic data of the "
-                         "same shape")
+                    help="the CIFAR-10 download (as `iccl convert cifar10-lt --source` takes): the "
+                         "recipe's data and the bench photos' tiles; without it (or --cifar-data) the "
+                         "recipe runs on synthetic data of the same shape, the photos are noise mosaics")
     ap.add_argument("--cifar-data", type=Path, metavar="DIR",
                     help="CIFAR-10-LT (R = 100) already converted by `iccl convert cifar10-lt`, used "
                          "as it is instead of converting --cifar-source")
@@ -125,8 +125,9 @@ def plan(args: argparse.Namespace) -> list[Step]:
 
     def data() -> str:
         from tools.bench_data import make_bench_data
-        make_bench_data(photos, images=1000 if quick else 2000, workers=os.cpu_count())
-        make_bench_data(tiny, images=10000, tiny=True, workers=os.cpu_count())
+        make_bench_data(photos, images=1000 if quick else 2000, workers=os.cpu_count(),
+                        tiles_from=args.cifar_source)
+        make_bench_data(tiny, images=10000, tiny=True, workers=os.cpu_count(), tiles_from=args.cifar_source)
         return f"{photos} (ImageNet-size JPEG), {tiny} (32-px PNG)"
 
     def pipeline_summary() -> str:

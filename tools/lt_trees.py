@@ -40,8 +40,10 @@ from pipeline.atomic import atomic_open, write_json
 from pipeline.errors import DataError
 from pipeline.progress import progress, say
 
-SPLITS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "splits"
-COUNTS_FILE = "train_class_counts_from_LiVT.json"
+# The real per-class training counts of ImageNet-LT (1,000 classes, 115,846 images) and iNaturalist
+# 2018 (8,142 classes, 437,513 images), shipped with the package: the `cls_num` lists of the LiVT
+# release (its "source" field), index = class id.
+COUNTS_FILE = Path(__file__).resolve().parent / "data" / "lt_class_counts.json"
 COUNT_KEYS = {"imagenet-lt": "ImageNet_LT_train_cls_num", "inat2018": "iNaturalist18_train_cls_num"}
 PER_CLASS = {"imagenet-lt": {"val": 20, "test": 50}, "inat2018": {"val": 3}}
 REAL_LISTS = {"imagenet-lt": {"val": "ImageNet_LT_val.txt", "test": "ImageNet_LT_test.txt"},
@@ -59,7 +61,7 @@ _TRAIN_NUMBER = 200_000  # train file numbers start here: above every number in 
 
 
 def load_counts(kind: str, counts_file: Optional[Path]) -> np.ndarray:
-    path = Path(counts_file) if counts_file else SPLITS_DIR / COUNTS_FILE
+    path = Path(counts_file) if counts_file else COUNTS_FILE
     if not path.is_file():
         raise DataError(f"{path}: no per-class counts file. Pass --counts FILE, a JSON with the key "
                         f"{COUNT_KEYS[kind]} (a list of training images per class).")
@@ -67,7 +69,7 @@ def load_counts(kind: str, counts_file: Optional[Path]) -> np.ndarray:
         counts = np.asarray(json.loads(path.read_text())[COUNT_KEYS[kind]], dtype=np.int64)
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: no list {COUNT_KEYS[kind]!r} of per-class counts ({e}). Pass the "
-                        f"long-tail literature's {COUNTS_FILE} with --counts.") from None
+                        f"per-class counts of the real dataset with --counts.") from None
     if counts.ndim != 1 or len(counts) == 0 or (counts < 1).any():
         raise DataError(f"{path}: {COUNT_KEYS[kind]} must be a list of positive counts.")
     return counts
@@ -105,7 +107,7 @@ def _keep_per_class(lines: list[tuple[str, int]], scale: float) -> list[tuple[st
 # --- the layouts -----------------------------------------------------------------------------------
 def imagenet_lt_lists(counts: np.ndarray, scale: float, lists_dir: Optional[Path]) -> dict:
     """{split: [(relative path, label)]} for train, val and test."""
-    real = {s: (Path(lists_dir or SPLITS_DIR) / name) for s, name in REAL_LISTS["imagenet-lt"].items()}
+    real = {s: Path(lists_dir) / name for s, name in REAL_LISTS["imagenet-lt"].items()} if lists_dir else {}
     wnids = [f"n{90000000 + k:08d}" for k in range(len(counts))]
     given = {s: _read_lines(p) for s, p in real.items() if p.is_file()}
     for lines in given.values():  # the real wnid of each label
@@ -131,10 +133,10 @@ def imagenet_lt_lists(counts: np.ndarray, scale: float, lists_dir: Optional[Path
 
 def inat_lists(counts: np.ndarray, scale: float, lists_dir: Optional[Path]) -> tuple[dict, list[str]]:
     """({split: [(relative path, category id)]} for train and val, supercategory of each id)."""
-    real = Path(lists_dir or SPLITS_DIR) / REAL_LISTS["inat2018"]["val"]
+    real = Path(lists_dir) / REAL_LISTS["inat2018"]["val"] if lists_dir else None
     supercats = [INAT_SUPERCATEGORIES[k % len(INAT_SUPERCATEGORIES)] for k in range(len(counts))]
     out = {}
-    if real.is_file():
+    if real is not None and real.is_file():
         val = [x for x in _read_lines(real) if x[1] < len(counts)]
         for rel, label in val:
             supercats[label] = rel.split("/")[1]
@@ -154,15 +156,13 @@ def _inat_path(supercategory: str, cid: int, split: str, j: int) -> str:
 
 
 # --- content ---------------------------------------------------------------------------------------
-def jpeg_pool(kind: str, size: int, quality: int, seed: int) -> list[bytes]:
-    """`size` baseline 4:2:0 JPEGs of photographic mosaics in the kind's shapes."""
-    from tools.bench_data import GRAIN, PHOTO_SHAPE_WEIGHTS, PHOTO_SHAPES, cifar_tiles, noise_tiles, photo_mosaic
+def jpeg_pool(kind: str, size: int, quality: int, seed: int, tiles_from: Optional[Path] = None) -> list[bytes]:
+    """`size` baseline 4:2:0 JPEGs of photographic mosaics in the kind's shapes, tiled with the
+    test images of the CIFAR-10 download `tiles_from` (tools.bench_data.photo_tiles)."""
+    from tools.bench_data import GRAIN, PHOTO_SHAPE_WEIGHTS, PHOTO_SHAPES, photo_mosaic, photo_tiles
 
     rng = np.random.default_rng(seed)
-    tiles = cifar_tiles()
-    if tiles is None:
-        say("the CIFAR-10 sheet is absent: smooth-noise tiles stand in for photographs")
-        tiles = noise_tiles(2000, rng)
+    tiles, _ = photo_tiles(tiles_from, rng)
     shapes, weights = (PHOTO_SHAPES, PHOTO_SHAPE_WEIGHTS) if kind == "imagenet-lt" else (INAT_SHAPES, INAT_SHAPE_WEIGHTS)
     grain = rng.normal(0, GRAIN, (600, 600, 3)).astype(np.float32)
     pool = []
@@ -206,10 +206,13 @@ def _write_files(root: str, relpaths: list[str]) -> int:
 # --- one tree --------------------------------------------------------------------------------------
 def make_tree(kind: str, out: Path, *, scale: float = 1.0, counts_file: Optional[Path] = None,
               lists_dir: Optional[Path] = None, json_annotations: bool = False, workers: Optional[int] = None,
-              quality: int = 90, seed: int = 0) -> dict:
+              quality: int = 90, seed: int = 0, tiles_from: Optional[Path] = None) -> dict:
     """Write the `kind` tree (module docstring) to OUT/root (images) and OUT/lists (list files;
     iNaturalist with `json_annotations`: OUT/root/{train,val}2018.json instead) and return its
-    record, also written to OUT/trees.json last. A rerun with the same arguments finds it done."""
+    record, also written to OUT/trees.json last. A rerun with the same arguments finds it done.
+    `counts_file` defaults to the real counts shipped in tools/data; `lists_dir` (default: beside
+    a given `counts_file`, else none) holds the real val/test lists, made up without them;
+    `tiles_from` is the CIFAR-10 download whose test images tile the JPEGs (noise without it)."""
     if kind not in COUNT_KEYS:
         raise DataError(f"unknown tree {kind!r}; choose one of {', '.join(COUNT_KEYS)}")
     if not 0 < scale <= 1:
@@ -221,7 +224,8 @@ def make_tree(kind: str, out: Path, *, scale: float = 1.0, counts_file: Optional
     if lists_dir is None and counts_file is not None:
         lists_dir = Path(counts_file).parent  # the real lists usually sit beside the counts
     request = {"kind": kind, "scale": scale, "json": json_annotations, "quality": quality, "seed": seed,
-               "counts_sha256": hashlib.sha256(counts.tobytes()).hexdigest()}
+               "counts_sha256": hashlib.sha256(counts.tobytes()).hexdigest(),
+               "tiles": "cifar10" if tiles_from else "noise"}
     done = out / DONE_FILE
     if done.is_file():
         record = json.loads(done.read_text())
@@ -236,7 +240,7 @@ def make_tree(kind: str, out: Path, *, scale: float = 1.0, counts_file: Optional
         lists, supercats = inat_lists(counts, scale, lists_dir)
     root, lists_out = out / "root", out / "lists"
     relpaths = sorted({rel for entries in lists.values() for rel, _ in entries})
-    pool = jpeg_pool(kind, POOL, quality, seed)
+    pool = jpeg_pool(kind, POOL, quality, seed, tiles_from)
     workers = workers or os.cpu_count() or 1
     chunks = [relpaths[s:s + 2000] for s in range(0, len(relpaths), 2000)]
     total_bytes = 0
@@ -257,7 +261,7 @@ def make_tree(kind: str, out: Path, *, scale: float = 1.0, counts_file: Optional
               "images": {split: len(entries) for split, entries in lists.items()},
               "num_classes": len(counts), "files": len(relpaths), "bytes": total_bytes,
               "seconds": round(time.perf_counter() - t0, 1),
-              "real_lists": {s: (Path(lists_dir or SPLITS_DIR) / n).is_file()
+              "real_lists": {s: bool(lists_dir) and (Path(lists_dir) / n).is_file()
                              for s, n in REAL_LISTS[kind].items()}}
     write_json(done, record)
     return record
