@@ -10,7 +10,7 @@ import pytest
 
 from helpers import make_converted, random_images
 from pipeline.progress import _Task, count, rate_text
-from tools.cli import main
+from tools.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = re.compile(r"\d[\d,.]* [KMGT]?B\b")
@@ -58,6 +58,19 @@ def test_quiet_keeps_results_and_drops_progress(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "Results (tables, --json output" in " ".join(capsys.readouterr().out.split())
+
+
+def test_quiet_goes_before_or_after_the_command(tmp_path, capsys):
+    out = tmp_path / "synthetic"
+    assert main(["convert", "synthetic-lt", "--classes", "2", "--max-per-class", "8", "-q",
+                 "--test-per-class", "2", "--image-size", "8", "--out", str(out), "--workers", "1"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["info", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    parser = build_parser()
+    assert parser.parse_args(["info", "d"]).quiet is False  # the top level's default stands
+    assert parser.parse_args(["-q", "info", "d"]).quiet is True
+    assert parser.parse_args(["bench", "pipeline", "--data", "d", "-q"]).quiet is True  # nested commands too
 
 
 def test_convert_and_info_report_the_same_size(tmp_path, capsys):

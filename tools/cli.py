@@ -17,7 +17,14 @@ COMMAND_MODULES = ("tools.cmd_data", "tools.cmd_train", "tools.cmd_predict", "to
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a usage error as one line (like every other error of `iccl`), exit 2."""
+    """argparse, with a usage error as one line (like every other error of `iccl`), exit 2, and
+    `-q` accepted before and after the command (`iccl -q train ...` and `iccl train -q ...`):
+    every subcommand parser is built by this class, and there `-q` leaves the attribute unset
+    unless given, so the top level's value stands."""
+
+    def __init__(self, *args, quiet_default=argparse.SUPPRESS, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("-q", "--quiet", action="store_true", default=quiet_default, help=QUIET_HELP)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
@@ -37,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "measure throughput.",
         epilog="Run `iccl demo` for a complete run on built-in synthetic data, "
                "`iccl COMMAND --help` for the options of a command.",
+        quiet_default=False,
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
