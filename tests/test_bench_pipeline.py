@@ -75,13 +75,21 @@ def test_photo_tiles_are_the_cifar10_test_images(cifar10_bin):
     np.testing.assert_array_equal(tiles, read_cifar(cifar10_bin, 10).test_images)
 
 
+def test_other_bench_data_in_the_folder_is_refused_before_any_picture(tmp_path, monkeypatch):
+    from pipeline.errors import DataError
+    bench_data.make_bench_data(tmp_path / "d", images=10, tiny=True, workers=1)
+    monkeypatch.setattr(bench_data, "photo_mosaic", None)  # making a picture now would fail
+    with pytest.raises(DataError, match="holds other data"):
+        bench_data.make_bench_data(tmp_path / "d", images=12, tiny=False, workers=1)
+
+
 def test_tiles_from_something_else_is_a_clear_error(tmp_path, capsys):
     bogus = tmp_path / "photos.tar.gz"
     bogus.write_bytes(b"not a tar")
     args = ["bench", "pipeline", "--make-data", str(tmp_path / "d"), "--images", "10", "--tiles-from", str(bogus)]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert str(bogus) in err and "Traceback" not in err
+    assert str(bogus) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow  # writes photos and a .beton, runs every loader twice, FFCV compiles: ~10 s

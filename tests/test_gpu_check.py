@@ -49,13 +49,18 @@ def test_plan_is_the_checks_then_the_benchmarks_then_the_recipe(tmp_path, cifar)
     assert sum(s.share_s for s in steps[:-1]) < 480 - gpu_check.END_MARGIN_S
 
 
-def test_converted_cifar_data_is_trained_on_as_it_is(tmp_path, monkeypatch):
-    steps = gpu_check.plan(gpu_check.parse_args(["--quick", "--cifar-data", str(tmp_path / "c10")]))
-    recipe = steps[-1].commands
+def test_converted_cifar_data_is_trained_on_as_it_is(tmp_path, monkeypatch, capsys):
+    (tmp_path / "c10").mkdir()
+    with pytest.raises(SystemExit) as e:  # not a converted dataset: refused before any GPU time
+        gpu_check.parse_args(["--cifar-data", str(tmp_path / "c10")])
+    assert e.value.code == 2 and "meta.json" in capsys.readouterr().err
+    (tmp_path / "c10" / "meta.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)  # relative paths are resolved: the subprocesses run in the checkout
+    args = gpu_check.parse_args(["--quick", "--cifar-data", "c10", "--cifar-source", "s.tar.gz",
+                                 "--work", "w"])
+    assert args.cifar_data == tmp_path / "c10" and args.work == tmp_path / "w"
+    recipe = gpu_check.plan(args)[-1].commands
     assert len(recipe) == 1 and recipe[0][4] == "train" and str(tmp_path / "c10") in recipe[0]
-    with pytest.raises(SystemExit) as e:
-        gpu_check.parse_args(["--cifar-data", "d", "--cifar-source", "s.tar.gz"])
-    assert e.value.code == 2
 
 
 def test_subprocesses_keep_the_callers_python_path(monkeypatch):

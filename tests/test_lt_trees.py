@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.dataset import ShardedSplit
+from pipeline.errors import DataError
 from tools.cli import main
 from tools.lt_trees import COUNTS_FILE, load_counts, make_tree, scaled
 
@@ -59,6 +60,34 @@ def test_inat_json_tree_converts(tmp_path, counts):
     assert ShardedSplit(out, "train").decode(0).shape in ((96, 128, 3), (128, 96, 3))
 
 
+def test_real_lists_are_part_of_what_makes_a_tree(tmp_path, counts, monkeypatch):
+    """A rerun with real lists rebuilds a tree made without them; a rebuild that stops leaves no
+    record claiming the tree is complete; a lists folder holding none of the lists is refused."""
+    import tools.lt_trees as lt_trees
+    rec = make_tree("imagenet-lt", tmp_path / "t", scale=0.5, counts_file=counts, workers=1)
+    assert not any(rec["real_lists"].values())
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "ImageNet_LT_test.txt").write_text("".join(
+        f"val/n0144076{k}/ILSVRC2012_val_0000{k}{j}.JPEG {k}\n" for k in range(4) for j in range(3)))
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop()
+    with monkeypatch.context() as m:
+        m.setattr(lt_trees, "ProcessPoolExecutor", stop)
+        with pytest.raises(Stop):
+            make_tree("imagenet-lt", tmp_path / "t", scale=0.5, counts_file=counts, lists_dir=lists, workers=1)
+    assert not (tmp_path / "t" / lt_trees.DONE_FILE).exists()
+    rec = make_tree("imagenet-lt", tmp_path / "t", scale=0.5, counts_file=counts, lists_dir=lists, workers=1)
+    assert rec["real_lists"] == {"val": False, "test": True} and rec["images"]["test"] == 4 * 2
+    assert "n01440763" in (tmp_path / "t/lists/ImageNet_LT_train.txt").read_text()  # the real wnids
+    with pytest.raises(DataError, match="--lists-dir"):
+        make_tree("imagenet-lt", tmp_path / "t2", counts_file=counts, lists_dir=tmp_path / "t", workers=1)
+
+
 def test_bad_arguments_are_clear(tmp_path, counts, capsys):
     assert main(["bench", "lt-trees", "inat2018", "--out", str(tmp_path), "--counts",
                  str(tmp_path / "nope.json")]) == 2
@@ -97,7 +126,7 @@ def test_real_lists_and_counts(shared_data, tmp_path):
 @pytest.mark.slow
 def test_bench_scale_end_to_end_and_resumes(tmp_path, counts, capsys):
     args = ["-q", "bench", "scale", "--work", str(tmp_path / "w"), "--scale", "1", "--counts", str(counts),
-            "--lists-dir", str(tmp_path), "--workers", "1", "--skip", "bench-convert,first-batch"]
+            "--workers", "1", "--skip", "bench-convert,first-batch"]
     assert main(args) == 0
     report = json.loads((tmp_path / "w/scale.json").read_text())
     for kind in ("imagenet-lt", "inat2018"):
@@ -114,6 +143,12 @@ def test_bench_scale_end_to_end_and_resumes(tmp_path, counts, capsys):
     other = list(args)
     other[other.index("--scale") + 1] = "0.5"
     assert main(other) == 2  # another scale into the same folder: refused
+    other_counts = tmp_path / "elsewhere.json"
+    other_counts.write_text(counts.read_text())
+    other = list(args)
+    other[other.index("--counts") + 1] = str(other_counts)
+    assert main(other) == 2  # trees from other inputs into the same folder: refused
+    assert "--counts, --lists-dir, --tiles-from" in capsys.readouterr().err
 
 
 def test_first_batch_is_measured_again_once_the_beton_exists(tmp_path, counts, monkeypatch):
@@ -129,7 +164,7 @@ def test_first_batch_is_measured_again_once_the_beton_exists(tmp_path, counts, m
         return {"loader": loader, "first_batch_s": 1.0, "main_rss_bytes": 1, "worker_rss_bytes": []}
     monkeypatch.setattr(bench_scale, "first_batch_in_fresh_process", fake)
     base = ["-q", "bench", "scale", "--work", str(tmp_path / "w"), "--scale", "1", "--counts", str(counts),
-            "--lists-dir", str(tmp_path), "--workers", "1", "--datasets", "inat2018"]
+            "--workers", "1", "--datasets", "inat2018"]
     assert main(base + ["--skip", "bench-convert,info,verify,sampler,evaluate"]) == 0
     assert len(calls) == 3
     assert main(base + ["--skip", "bench-convert,info,verify,sampler,evaluate"]) == 0

@@ -26,6 +26,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from pipeline.errors import DataError
 from pipeline.progress import progress, say
 from pipeline.sources.base import Source, SourceSplit
 
@@ -44,8 +45,8 @@ def photo_tiles(tiles_from: Optional[Path], rng: np.random.Generator) -> tuple[n
     ((10000, 32, 32, 3) uint8, read and md5-checked by `pipeline.sources.cifar.read_cifar`, which
     raises DataError naming the file for anything else), or 2,000 noise tiles without one."""
     if tiles_from is None:
-        say("no --tiles-from: smooth-noise tiles stand in for photographs (give the CIFAR-10 "
-            "download for photographic content)")
+        say("no CIFAR-10 download given to tile the pictures with: smooth-noise tiles stand in "
+            "for photographs")
         return noise_tiles(2000, rng), "smooth-noise tiles"
     from pipeline.sources.cifar import read_cifar
 
@@ -125,13 +126,17 @@ def make_bench_data(out: Path, images: int = 2000, tiny: bool = False, seed: int
 
 
 def _complete(out: Path, name: str, description: dict) -> Optional[dict]:
-    """meta.json of a finished conversion of this same bench data in `out`, else None."""
+    """meta.json of a finished conversion of this same bench data in `out`, None when `out` holds
+    none; DataError when it holds other data."""
     from pipeline.format import META_FILE, read_meta
 
     if not (out / META_FILE).is_file():
         return None
     meta = read_meta(out)
-    return meta if meta.get("source") == {"kind": name, **description} else None
+    if meta.get("source") != {"kind": name, **description}:  # refused before making any picture
+        raise DataError(f"{out} holds other data ({meta.get('source')}); give another folder for "
+                        f"this bench data (--make-data) or delete that one")
+    return meta
 
 
 def _class_names() -> list[str]:

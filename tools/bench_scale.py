@@ -194,7 +194,15 @@ def run(work: Path, *, scale: float = 1.0, datasets=DATASETS, skip=(), ffcv: boo
     if report and report.get("scale") != scale:
         raise DataError(f"{path} holds results at --scale {report.get('scale')}; use another "
                         f"--work folder for --scale {scale}, or delete it")
-    report.update(scale=scale, workers=workers, cpu_count=os.cpu_count())
+    # What the trees are made of: finished steps are reused only for the same inputs.
+    inputs = {"counts": str(Path(counts_file).resolve()) if counts_file else "shipped",
+              "lists_dir": str(Path(lists_dir).resolve()) if lists_dir else None,
+              "tiles": "CIFAR-10 test images" if tiles_from else "smooth-noise tiles"}
+    if report and report.get("inputs", inputs) != inputs:
+        raise DataError(f"{path} holds results made with other inputs ({report['inputs']}); use "
+                        f"another --work folder for these (--counts, --lists-dir, --tiles-from), or "
+                        f"delete it")
+    report.update(scale=scale, workers=workers, cpu_count=os.cpu_count(), inputs=inputs)
     report.setdefault("datasets", {})
 
     for kind in datasets:

@@ -11,7 +11,8 @@ DATASETS = ("imagenet-lt", "inat2018")  # tools.bench_scale.DATASETS, without im
 
 TREES_DESCRIPTION = """\
 Write a JPEG tree in the real layout of ImageNet-LT or iNaturalist 2018, with the real per-class
-training counts and the real val/test lists, plus the list files, so that `iccl convert
+training counts (shipped) and the real val/test lists (--lists-dir; made-up lists of the published
+shape without it), plus the list files, so that `iccl convert
 imagenet-lt` / `iccl convert inat2018` run on it exactly as users run them on the real data:
 
   imagenet-lt  OUT/root/train/<wnid>/<wnid>_<n>.JPEG, OUT/root/val/<wnid>/ILSVRC2012_val_<n>.JPEG
@@ -23,14 +24,15 @@ imagenet-lt` / `iccl convert inat2018` run on it exactly as users run them on th
                and val2018.json): 437,513 / 24,426 images over 8,142 classes
 
 Content: photographic mosaics of the CIFAR-10 test images (--tiles-from, as `iccl bench pipeline
---make-data` uses them; smooth-noise tiles without it), a pool of 256 JPEGs per tree; each file is a pool JPEG with its own name in a JPEG comment, so the
-files differ and decode like photographs of their size. Writing is file copies in --workers
+--make-data` uses them; smooth-noise tiles without it), a pool of 256 JPEGs per tree; each file
+is a pool JPEG with its own name in a JPEG comment, so the files differ and decode like
+photographs of their size. Writing is file copies in --workers
 processes: a few minutes for either tree at --scale 1 on 2 cores. A rerun finds a finished tree."""
 
 TREES_EPILOG = """\
 examples:
-  iccl bench lt-trees imagenet-lt --out /data/fake-imagenet-lt --tiles-from cifar-10-binary.tar.gz \
-      --lists-dir ImageNet_LT_lists/   # the official ImageNet_LT_val.txt and ImageNet_LT_test.txt
+  iccl bench lt-trees imagenet-lt --out /data/fake-imagenet-lt --tiles-from cifar-10-binary.tar.gz
+      --lists-dir ImageNet_LT_lists/   (one line: the folder of the official ImageNet_LT_val.txt, _test.txt)
   iccl convert imagenet-lt --root /data/fake-imagenet-lt/root --lists /data/fake-imagenet-lt/lists --out data/in-lt
   iccl bench lt-trees inat2018 --out /data/fake-inat --scale 0.01 --json
   iccl bench lt-trees inat2018 --out /tmp/t --counts my_counts.json --lists-dir my_lists/"""

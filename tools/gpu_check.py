@@ -3,10 +3,12 @@ recipe, within one time limit; print one table.
 
     python3 tools/gpu_check.py --quick                  # ~8 minutes on one H200
     python3 tools/gpu_check.py --quick --cifar-source cifar-10-python.tar.gz
+    python3 tools/gpu_check.py --quick --cifar-source cifar-10-python.tar.gz --cifar-data data/cifar10-lt-100
     python3 tools/gpu_check.py --dry-run --quick        # the plan and its time budget; no GPU needed
 
 In order, each step reporting ok / FAIL / timeout / skipped with its detail instead of stopping:
-  1. bench data: ImageNet-size JPEGs and CIFAR-size PNGs (tools/bench_data.py), in --work;
+  1. bench data: ImageNet-size JPEGs and CIFAR-size PNGs (tools/bench_data.py), in --work, made
+     of the CIFAR-10 test images of --cifar-source (of smooth-noise tiles without it);
   2. the GPU paths: DALI decoding on the GPU ("mixed") through our loader; bf16 autocast of a
      ResNet-50 step (loss within 2% of fp32); channels_last (same logits as NCHW, TF32 off, so
      the comparison is fp32 against fp32); torch.compile of the fused step (static shapes, same
@@ -16,8 +18,8 @@ In order, each step reporting ok / FAIL / timeout / skipped with its detail inst
   4. `iccl bench train` for ResNet-32 (cifar10-lt recipe, 32 px) and ResNet-50 (inat2018 recipe,
      224 px, compiled): naive / fused / end-to-end;
   5. with the time left: the full CIFAR-10-LT ICCL recipe (200 + 10 epochs, resident loader) on
-     CIFAR-10-LT (R = 100) converted from --cifar-source, or, without it, on synthetic data of
-     the same shape (10 classes, 5,000 down to 50 training images of 32 px; its accuracy is not
+     CIFAR-10-LT (R = 100): --cifar-data as it is, else converted from --cifar-source, else
+     synthetic data of the same shape (10 classes, 5,000 down to 50 training images of 32 px; its accuracy is not
      comparable to the paper's); its wall time and accuracy.
 Steps 3-5 run as `iccl` subprocesses. The time limit (--time-limit, default 480 s with --quick,
 1,800 s without) bounds the whole run: each step gets at most its share and what is left; a step
@@ -82,16 +84,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, metavar="DIR",
                     help="generated and converted data (default: a temp folder)")
     ap.add_argument("--cifar-source", type=Path, metavar="PATH",
-                    help="the CIFAR-10 download (as `iccl convert cifar10-lt --source` takes): the "
-                         "recipe's data and the bench photos' tiles; without it (or --cifar-data) the "
-                         "recipe runs on synthetic data of the same shape, the photos are noise mosaics")
+                    help="the CIFAR-10 download (as `iccl convert cifar10-lt --source` takes): its "
+                         "test images tile the bench pictures (smooth noise without it), and the "
+                         "recipe's data is converted from it unless --cifar-data is given")
     ap.add_argument("--cifar-data", type=Path, metavar="DIR",
-                    help="CIFAR-10-LT (R = 100) already converted by `iccl convert cifar10-lt`, used "
-                         "as it is instead of converting --cifar-source")
+                    help="CIFAR-10-LT (R = 100) already converted by `iccl convert cifar10-lt`: the "
+                         "recipe trains on it as it is. Without it and --cifar-source the recipe "
+                         "runs on synthetic data of the same shape")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
     args = ap.parse_args(argv)
-    if args.cifar_source and args.cifar_data:
-        ap.error("--cifar-source and --cifar-data: give one (the download, or the converted data)")
+    if args.cifar_data and not (args.cifar_data / "meta.json").is_file():
+        ap.error(f"--cifar-data {args.cifar_data}: no meta.json there; give the --out folder of "
+                 f"`iccl convert cifar10-lt`")
     if args.time_limit is None:
         args.time_limit = DEFAULT_LIMIT_S[args.quick]
     if args.time_limit <= END_MARGIN_S + MIN_STEP_S:
@@ -101,6 +105,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.out = Path(os.environ["OUT"]) if os.environ.get("OUT") else default
     if args.work is None:
         args.work = Path(tempfile.gettempdir()) / "iccl-gpu-check-data"
+    for name in ("out", "work", "cifar_source", "cifar_data"):  # the subprocesses run in ROOT
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
     return args
 
 

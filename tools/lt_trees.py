@@ -9,16 +9,17 @@ for measuring conversion, loading, sampling and evaluation at the real sizes wit
                  small disk 462k times), with LISTS/iNaturalist18_{train,val}.txt (437,513 / 24,426
                  lines) or, with json=True, ROOT/train2018.json and ROOT/val2018.json (COCO-style)
 
-Train counts per class come from the long-tail literature's per-class counts
-(`train_class_counts_from_LiVT.json`: keys ImageNet_LT_train_cls_num, iNaturalist18_train_cls_num).
-The val/test lists are the real ones when given (`ImageNet_LT_val.txt`, `ImageNet_LT_test.txt`,
-`iNaturalist18_val.txt`; they also give the real wnids and supercategories); without them, lists of
-the published shape are made up (20 / 50 images per class for ImageNet-LT, 3 for iNaturalist,
+Train counts per class are the real ones, shipped in tools/data/lt_class_counts.json (keys
+ImageNet_LT_train_cls_num, iNaturalist18_train_cls_num), or another file with those keys. The
+val/test lists are the real ones when a folder holding them is given (`ImageNet_LT_val.txt`,
+`ImageNet_LT_test.txt`, `iNaturalist18_val.txt`; they also give the real wnids and
+supercategories); without one, lists of the published shape are made up (20 / 50 images per class for ImageNet-LT, 3 for iNaturalist,
 synthetic wnids and supercategories). `scale` keeps max(1, round(scale x n)) images of every
 class in every split.
 
-Content: a pool of `POOL` distinct photographic mosaics (CIFAR-10 test images, as the bench data
-uses) encoded once as baseline JPEG; every file is a pool JPEG with a COM segment naming the file
+Content: a pool of `POOL` distinct photographic mosaics (of the CIFAR-10 test images of the
+download given as `tiles_from`, as the bench data uses them; of smooth-noise tiles without one)
+encoded once as baseline JPEG; every file is a pool JPEG with a COM segment naming the file
 inserted after the SOI marker, so every file differs byte-wise and decodes to its pool image. Decode
 cost per file is that of a real photograph of the size; making a tree costs file writes only,
 spread over `workers` processes.
@@ -156,13 +157,11 @@ def _inat_path(supercategory: str, cid: int, split: str, j: int) -> str:
 
 
 # --- content ---------------------------------------------------------------------------------------
-def jpeg_pool(kind: str, size: int, quality: int, seed: int, tiles_from: Optional[Path] = None) -> list[bytes]:
-    """`size` baseline 4:2:0 JPEGs of photographic mosaics in the kind's shapes, tiled with the
-    test images of the CIFAR-10 download `tiles_from` (tools.bench_data.photo_tiles)."""
-    from tools.bench_data import GRAIN, PHOTO_SHAPE_WEIGHTS, PHOTO_SHAPES, photo_mosaic, photo_tiles
+def jpeg_pool(kind: str, size: int, quality: int, tiles: np.ndarray, rng: np.random.Generator) -> list[bytes]:
+    """`size` baseline 4:2:0 JPEGs of photographic mosaics of `tiles` ((N, 32, 32, 3) uint8, from
+    tools.bench_data.photo_tiles) in the kind's shapes."""
+    from tools.bench_data import GRAIN, PHOTO_SHAPE_WEIGHTS, PHOTO_SHAPES, photo_mosaic
 
-    rng = np.random.default_rng(seed)
-    tiles, _ = photo_tiles(tiles_from, rng)
     shapes, weights = (PHOTO_SHAPES, PHOTO_SHAPE_WEIGHTS) if kind == "imagenet-lt" else (INAT_SHAPES, INAT_SHAPE_WEIGHTS)
     grain = rng.normal(0, GRAIN, (600, 600, 3)).astype(np.float32)
     pool = []
@@ -203,6 +202,21 @@ def _write_files(root: str, relpaths: list[str]) -> int:
     return total
 
 
+def real_lists(kind: str, lists_dir: Optional[Path], counts_file: Optional[Path]) -> dict[str, Path]:
+    """{file name: path} of the real val/test lists of `kind` found in `lists_dir` (default: beside
+    `counts_file`, where the real lists usually sit; else none). DataError when a `lists_dir` was
+    given and holds none of them (a mistyped folder must not fall back to made-up lists)."""
+    folder = Path(lists_dir) if lists_dir else (Path(counts_file).parent if counts_file else None)
+    if folder is None:
+        return {}
+    found = {n: folder / n for n in REAL_LISTS[kind].values() if (folder / n).is_file()}
+    if lists_dir and not found:
+        raise DataError(f"--lists-dir {lists_dir}: none of {', '.join(REAL_LISTS[kind].values())} is "
+                        f"there. Give the folder holding the official lists, or leave --lists-dir out "
+                        f"for made-up lists of the published shape.")
+    return found
+
+
 # --- one tree --------------------------------------------------------------------------------------
 def make_tree(kind: str, out: Path, *, scale: float = 1.0, counts_file: Optional[Path] = None,
               lists_dir: Optional[Path] = None, json_annotations: bool = False, workers: Optional[int] = None,
@@ -219,19 +233,26 @@ def make_tree(kind: str, out: Path, *, scale: float = 1.0, counts_file: Optional
         raise DataError(f"--scale {scale}: must be in (0, 1] (the fraction of each class kept)")
     if json_annotations and kind != "inat2018":
         raise DataError("--json applies to inat2018 only (ImageNet-LT comes with list files)")
+    from tools.bench_data import photo_tiles
+
     out = Path(out)
     counts = load_counts(kind, counts_file)
-    if lists_dir is None and counts_file is not None:
-        lists_dir = Path(counts_file).parent  # the real lists usually sit beside the counts
+    lists_found = real_lists(kind, lists_dir, counts_file)
+    rng = np.random.default_rng(seed)
+    tiles, content = photo_tiles(tiles_from, rng)  # a bad download is refused before anything else
     request = {"kind": kind, "scale": scale, "json": json_annotations, "quality": quality, "seed": seed,
-               "counts_sha256": hashlib.sha256(counts.tobytes()).hexdigest(),
-               "tiles": "cifar10" if tiles_from else "noise"}
+               "counts_sha256": hashlib.sha256(counts.tobytes()).hexdigest(), "tiles": content,
+               "lists_sha256": {name: hashlib.sha256(p.read_bytes()).hexdigest()
+                                for name, p in sorted(lists_found.items())}}
     done = out / DONE_FILE
     if done.is_file():
         record = json.loads(done.read_text())
         if record.get("request") == request:
             say(f"{out}: the {kind} tree is already complete")
             return record
+        done.unlink()  # another tree is written over this one: an interrupted rewrite is not "done"
+    if lists_found:
+        lists_dir = next(iter(lists_found.values())).parent
     t0 = time.perf_counter()
     if kind == "imagenet-lt":
         lists = imagenet_lt_lists(counts, scale, lists_dir)
@@ -240,7 +261,7 @@ def make_tree(kind: str, out: Path, *, scale: float = 1.0, counts_file: Optional
         lists, supercats = inat_lists(counts, scale, lists_dir)
     root, lists_out = out / "root", out / "lists"
     relpaths = sorted({rel for entries in lists.values() for rel, _ in entries})
-    pool = jpeg_pool(kind, POOL, quality, seed, tiles_from)
+    pool = jpeg_pool(kind, POOL, quality, tiles, rng)
     workers = workers or os.cpu_count() or 1
     chunks = [relpaths[s:s + 2000] for s in range(0, len(relpaths), 2000)]
     total_bytes = 0
@@ -261,8 +282,7 @@ def make_tree(kind: str, out: Path, *, scale: float = 1.0, counts_file: Optional
               "images": {split: len(entries) for split, entries in lists.items()},
               "num_classes": len(counts), "files": len(relpaths), "bytes": total_bytes,
               "seconds": round(time.perf_counter() - t0, 1),
-              "real_lists": {s: bool(lists_dir) and (Path(lists_dir) / n).is_file()
-                             for s, n in REAL_LISTS[kind].items()}}
+              "real_lists": {s: n in lists_found for s, n in REAL_LISTS[kind].items()}}
     write_json(done, record)
     return record
 

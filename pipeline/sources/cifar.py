@@ -269,7 +269,8 @@ def _read_archive(source: Path, num_classes: int):
                 if member.isfile() and path.name in KNOWN_FILES:
                     contents[path.as_posix()] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise DataError(f"{source}: not a readable .tar.gz archive ({e}). Download it again from "
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{source}: not a readable .tar.gz archive ({first}). Download it again from "
                         f"{CIFAR_URL}, or pass the extracted folder.") from e
     layout, base = _detect(source, num_classes, lambda rel: rel in contents)
     files = {name: contents[base + name] for name in layout.files}
