@@ -106,7 +106,9 @@ def _register_convert(subparsers) -> None:
                           "holdout draw (default 0)")
     src.add_argument("--holdout", type=_holdout, metavar="F|N",
                      help="folder: move a fraction F (0 < F < 1, e.g. 0.2) or N images (a whole "
-                          "number, e.g. 10) of each class into a test split, drawn from --seed")
+                          "number, e.g. 10) of each class into a test split, drawn from --seed "
+                          "over the files found (one left out by --on-error skip leaves its split "
+                          "one image short)")
     src.add_argument("--classes", type=int, metavar="K",
                      help="synthetic-lt: number of classes (default 10)")
     src.add_argument("--image-size", type=int, metavar="PX",

@@ -16,7 +16,11 @@ Holdout (`holdout` = a fraction 0 < F < 1, or a whole number N >= 1 of images pe
 class of n images, k = round(F * n) (at least 1) or k = N images are drawn for `test`, capped at
 n - 1 so that every class keeps at least one training image; a class of one image has no test
 image. The draw is a permutation of the class's sorted paths by numpy's default generator seeded
-with (seed, class index): the same tree and seed give the same split on any machine.
+with (seed, class index): the same tree and seed give the same split on any machine. The draw is
+over the files found, before any is decoded (reading a whole tree first would double the cost of
+a conversion): a file that turns out unreadable stops the conversion, or with `--on-error skip` is
+left out of the split that drew it, so that split has one image fewer in that class (listed in
+OUT/skipped.json); removing the file and converting again draws anew.
 """
 from __future__ import annotations
 
