@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,18 @@ def test_plan_is_the_checks_then_the_benchmarks_then_the_recipe(tmp_path, cifar)
     assert steps[-1].share_s == float("inf")  # the time left
     # Caps of everything before the recipe fit the quick limit, leaving it time.
     assert sum(s.share_s for s in steps[:-1]) < 480 - gpu_check.END_MARGIN_S
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_resnet50_timing_stays_inside_one_epoch_of_the_bench_pictures(tmp_path, quick):
+    """Warm-up + timed steps of the end-to-end ResNet-50 bench fit one epoch of the pictures
+    (an epoch end drains the loader's prefetch queue, which the first H200 run timed 3 times)."""
+    args = gpu_check.parse_args((["--quick"] if quick else []) + ["--out", str(tmp_path), "--work", str(tmp_path)])
+    step = next(s for s in gpu_check.plan(args) if s.name.startswith("bench train (ResNet-50"))
+    command = step.commands[0]
+    value = lambda opt: int(command[command.index(opt) + 1])  # noqa: E731
+    photos = Path(command[command.index("--data") + 1])
+    assert int(photos.name.split("-")[1]) >= (value("--warmup") + value("--steps")) * value("--batch-size")
 
 
 def test_converted_cifar_data_is_trained_on_as_it_is(tmp_path, monkeypatch, capsys):
