@@ -14,8 +14,8 @@ ImageNet_LT_train_cls_num, iNaturalist18_train_cls_num), or another file with th
 val/test lists are the real ones when a folder holding them is given (`ImageNet_LT_val.txt`,
 `ImageNet_LT_test.txt`, `iNaturalist18_val.txt`; they also give the real wnids and
 supercategories); without one, lists of the published shape are made up (20 / 50 images per
-class for ImageNet-LT, 3 for iNaturalist, synthetic wnids and supercategories). `scale` keeps max(1, round(scale x n)) images of every
-class in every split.
+class for ImageNet-LT, 3 for iNaturalist, synthetic wnids and supercategories). `scale` keeps
+max(1, round(scale x n)) images of every class in every split.
 
 Content: a pool of `POOL` distinct photographic mosaics (of the CIFAR-10 test images of the
 download given as `tiles_from`, as the bench data uses them; of smooth-noise tiles without one)
