@@ -45,6 +45,7 @@ import numpy as np
 from pipeline.atomic import atomic_open, output_dir, remove_stale_tmp, write_json
 from pipeline.convert_shard import (LARGE_IMAGE_PIXELS, ShardResult, ShardTask, describe_item,
                                     load_done, run_shard)
+from pipeline.cpus import usable_cpus
 from pipeline.errors import ON_ERROR, DataError
 from pipeline.format import (FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE, INDEX_FILE, META_FILE,
                              beton_name, read_meta, shard_ids, shard_name, shot_groups)
@@ -71,7 +72,7 @@ def convert(source: Source, out: str | os.PathLike, *, shard_size: int = DEFAULT
     `<split>.beton`. on_error: "stop" raises DataError at the first bad item, "skip" leaves
     bad items out and lists them in skipped.json.
     """
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = usable_cpus() if workers is None else workers
     _check_options(shard_size, workers, max_side, quality, on_error)
     _check_source(source, on_error)
     out = Path(out)

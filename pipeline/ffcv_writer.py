@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.atomic import atomic_path
+from pipeline.cpus import usable_cpus
 from pipeline.dataset import ShardedSplit
 from pipeline.errors import DataError
 from pipeline.format import EXT_CODE
@@ -65,7 +66,7 @@ def write_beton(split: ShardedSplit, path: str | os.PathLike, workers: int | Non
     with atomic_path(path) as tmp:
         # FFCV's workers are forked and write straight into the file, so it gets the temp name.
         writer = DatasetWriter(str(tmp), fields, page_size=page_size,
-                               num_workers=workers or os.cpu_count() or 1)
+                               num_workers=workers or usable_cpus())
         with progress(len(split), f"ffcv {split.split}", unit="images") as task, _bar_to(task):
             writer.from_indexed_dataset(_Samples(split), chunksize=100)
 

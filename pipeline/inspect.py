@@ -19,6 +19,7 @@ from PIL import Image
 
 from pipeline.convert_items import MIN_SIDE
 from pipeline.convert_shard import file_sha256
+from pipeline.cpus import usable_cpus
 from pipeline.dataset import ShardedSplit
 from pipeline.errors import DataError
 from pipeline.format import (EXTS, INDEX_FILE, META_FILE, beton_name, read_meta, sample_key,
@@ -91,7 +92,7 @@ def verify(root: str | os.PathLike, workers: int | None = None) -> list[str]:
             problems += _check_beton(root / beton_name(split), index)
     total = sum(len(t[3]) for t in tasks)
     with progress(total, f"verify {root.name}", unit="images") as bar:
-        for found, n in _run(tasks, workers or os.cpu_count() or 1):
+        for found, n in _run(tasks, workers or usable_cpus()):
             problems += found
             bar.advance(n)
     return problems

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from pipeline.cpus import usable_cpus
 from pipeline.errors import DataError
 from pipeline.progress import say
 from pipeline.sources.base import Source
@@ -135,7 +136,7 @@ def run(source: Source, work: Path, *, workers: Optional[int] = None,
     Returns the report."""
     from pipeline.convert import convert
     
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     train = source.splits["train"]
     n = len(train.labels)
     if repeats < 1:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from pipeline import codecs
+from pipeline.cpus import usable_cpus
 from pipeline.dataset import ShardedSplit
 from pipeline.errors import DataError
 from pipeline.format import EXT_CODE
@@ -216,7 +217,7 @@ def run(data: str | os.PathLike, split: str = "train", loaders: tuple[str, ...] 
     from pipeline.device import pick_device
 
     check_options(loaders, batch_size, steps, warmup, workers, size, jitter, repeats)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     torch.set_num_threads(workers)
     dev = pick_device(device)
     ds = ShardedSplit(data, split)
@@ -245,6 +246,6 @@ def run(data: str | os.PathLike, split: str = "train", loaders: tuple[str, ...] 
         "augment": {"kind": spec.kind, "size": spec.size, "pad": spec.pad, "jitter": spec.jitter,
                     "flip": spec.flip},
         "workers": workers, "repeats": repeats, "device": str(dev),
-        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "machine": {"cpu_count": usable_cpus(), "torch": torch.__version__,
                     "cuda_device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
     }

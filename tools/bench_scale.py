@@ -25,7 +25,6 @@ there, so an interrupted run continues. Peak RSS sums the process tree, sampled 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from pipeline.atomic import write_json
+from pipeline.cpus import usable_cpus
 from pipeline.errors import DataError
 from pipeline.progress import say
 
@@ -188,7 +188,7 @@ def run(work: Path, *, scale: float = 1.0, datasets=DATASETS, skip=(), ffcv: boo
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     path = work / RESULTS
     report = json.loads(path.read_text()) if path.is_file() else {}
     if report and report.get("scale") != scale:
@@ -202,7 +202,7 @@ def run(work: Path, *, scale: float = 1.0, datasets=DATASETS, skip=(), ffcv: boo
         raise DataError(f"{path} holds results made with other inputs ({report['inputs']}); use "
                         f"another --work folder for these (--counts, --lists-dir, --tiles-from), or "
                         f"delete it")
-    report.update(scale=scale, workers=workers, cpu_count=os.cpu_count(), inputs=inputs)
+    report.update(scale=scale, workers=workers, cpu_count=usable_cpus(), inputs=inputs)
     report.setdefault("datasets", {})
 
     for kind in datasets:

@@ -23,6 +23,7 @@ import torch
 
 from model.centroids import CentroidBank
 from model.losses import (interpolative_ce, interpolative_centroid_contrastive, uniform_ce)
+from pipeline.cpus import usable_cpus
 from pipeline.device import autocast_dtype, pick_device
 from pipeline.loaders.base import Batch
 from pipeline.progress import progress
@@ -143,7 +144,7 @@ def run(preset: str, data: str | None, batch_size: int | None, steps: int, warmu
         overrides: dict[str, str] | None = None) -> dict:
     device = pick_device(device_name)
     if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(usable_cpus())
     cfg = resolve(preset, "iccl", overrides, batch_size=batch_size, compile=compile_, loader=loader,
                   workers=workers, data=data or "", device=device_name)
     cfg.warmup_epochs = 0  # measure the interpolative (two-stream) step, the one that dominates

@@ -6,9 +6,9 @@ the ratios mean something even where the absolute numbers do not travel.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from pipeline.cpus import usable_cpus
 from pipeline.errors import DataError
 from pipeline.loaders import LOADER_CHOICES, LOADERS
 from train.config import AUGMENTS, PRESETS
@@ -94,9 +94,9 @@ def _register_pipeline(sub) -> None:
     run.add_argument("--repeats", type=int, default=1, metavar="R",
                      help="time R windows of --steps steps per loader (and R ceiling runs) and "
                           "keep the best: steadier on a machine others use (default 1)")
-    run.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="W",
+    run.add_argument("--workers", type=int, default=usable_cpus(), metavar="W",
                      help=f"decode threads / worker processes of every loader and of the ceiling "
-                          f"(default: all {os.cpu_count()} cores)")
+                          f"(default: all {usable_cpus()} cores)")
     run.add_argument("--augment", choices=("auto", *AUGMENTS), default="auto",
                      help="auto (default): pad_crop for images up to 64 px, else rrc")
     run.add_argument("--size", type=int, metavar="PX",
@@ -206,7 +206,7 @@ def _register_train(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     p.add_argument("--loader", default="auto", choices=LOADER_CHOICES,
                    help="loader of the end-to-end variant (default auto)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader threads / workers")
+    p.add_argument("--workers", type=int, default=usable_cpus(), help="loader threads / workers")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting, as in `iccl train` (e.g. w_u_zero_after_warmup=false)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from pipeline.cpus import usable_cpus
 from pipeline.errors import DataError
 
 DATASETS = ("imagenet-lt", "inat2018")  # tools.bench_scale.DATASETS, without importing numpy for --help
@@ -99,8 +99,8 @@ def _common(p, scale: bool = True) -> None:
     p.add_argument("--tiles-from", type=Path, metavar="CIFAR10",
                    help="the CIFAR-10 download (.tar.gz or extracted, binary or python version) "
                         "whose test images tile the JPEGs (default: smooth-noise tiles)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
-                   help=f"processes (default: all {os.cpu_count()} cores)")
+    p.add_argument("--workers", type=int, default=usable_cpus(), metavar="N",
+                   help=f"processes (default: all {usable_cpus()} cores)")
 
 
 def _register_trees(sub) -> None:
@@ -137,8 +137,8 @@ def _register_convert(sub) -> None:
     p.add_argument("--lists", type=Path, metavar="PATH", help="as for `iccl convert`")
     p.add_argument("--work", type=Path, required=True, metavar="DIR",
                    help="scratch folder for both outputs (removed afterwards)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
-                   help=f"processes of both writers (default: all {os.cpu_count()} cores)")
+    p.add_argument("--workers", type=int, default=usable_cpus(), metavar="N",
+                   help=f"processes of both writers (default: all {usable_cpus()} cores)")
     p.add_argument("--max-resolution", type=int, default=512, metavar="PX",
                    help="FFCV's max_resolution (default 512: ImageNet's 500-px images keep their size)")
     p.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality (default 90)")

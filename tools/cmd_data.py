@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
+from pipeline.cpus import usable_cpus
 from pipeline.errors import ON_ERROR, DataError
 
 REQUIRED = "required"
@@ -129,8 +129,8 @@ def _register_convert(subparsers) -> None:
                      help="JPEG quality (1-100) of images that must be re-encoded (default 90)")
     out.add_argument("--shard-size", type=int, default=1000, metavar="N",
                      help="samples per shard (default 1000: ~100 MB of ImageNet JPEGs)")
-    out.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
-                     help=f"processes encoding shards in parallel (default: all {os.cpu_count()} cores)")
+    out.add_argument("--workers", type=int, default=usable_cpus(), metavar="N",
+                     help=f"processes encoding shards in parallel (default: all {usable_cpus()} cores)")
     out.add_argument("--ffcv", action="store_true",
                      help="also write an FFCV file per split (OUT/<split>.beton); adding it to a "
                           "finished conversion by rerunning with --ffcv works too")
@@ -268,8 +268,8 @@ def _register_verify(subparsers) -> None:
         epilog="example:\n  iccl verify data/imagenet-lt --workers 8",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", metavar="DIR", type=Path, help="the --out folder of `iccl convert`")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
-                   help=f"processes checking shards in parallel (default: all {os.cpu_count()} cores)")
+    p.add_argument("--workers", type=int, default=usable_cpus(), metavar="N",
+                   help=f"processes checking shards in parallel (default: all {usable_cpus()} cores)")
     p.set_defaults(handler=_verify)
 
 

@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))  # runnable from a plain checkout
 
 import torch  # noqa: E402
 
+from pipeline.cpus import usable_cpus  # noqa: E402
 from tools.gpu_paths import bf16_autocast, channels_last, compiled_step, dali_mixed, nccl  # noqa: E402
 
 DEFAULT_LIMIT_S = {True: 480, False: 1800}  # --quick, full
@@ -137,9 +138,9 @@ def plan(args: argparse.Namespace) -> list[Step]:
 
     def data() -> str:
         from tools.bench_data import make_bench_data
-        make_bench_data(photos, images=n_photos, workers=os.cpu_count(),
+        make_bench_data(photos, images=n_photos, workers=usable_cpus(),
                         tiles_from=args.cifar_source)
-        make_bench_data(tiny, images=10000, tiny=True, workers=os.cpu_count(), tiles_from=args.cifar_source)
+        make_bench_data(tiny, images=10000, tiny=True, workers=usable_cpus(), tiles_from=args.cifar_source)
         return f"{photos} (ImageNet-size JPEG), {tiny} (32-px PNG)"
 
     def pipeline_summary() -> str:

@@ -38,6 +38,7 @@ import numpy as np
 import simplejpeg
 
 from pipeline.atomic import atomic_open, write_json
+from pipeline.cpus import usable_cpus
 from pipeline.errors import DataError
 from pipeline.progress import progress, say
 
@@ -262,7 +263,7 @@ def make_tree(kind: str, out: Path, *, scale: float = 1.0, counts_file: Optional
     root, lists_out = out / "root", out / "lists"
     relpaths = sorted({rel for entries in lists.values() for rel, _ in entries})
     pool = jpeg_pool(kind, POOL, quality, tiles, rng)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     chunks = [relpaths[s:s + 2000] for s in range(0, len(relpaths), 2000)]
     total_bytes = 0
     with progress(len(relpaths), f"{kind} tree", unit="files") as task, \

@@ -5,7 +5,6 @@ normalised / mixed here; the stages see batches of normalised tensors.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.atomic import output_dir
+from pipeline.cpus import usable_cpus
 from pipeline.dataset import ShardedSplit
 from pipeline.device import autocast_dtype, pick_device, upload
 from pipeline.errors import DataError
@@ -139,7 +139,7 @@ def build_context(cfg: Config, run_dir: Path, with_eval: bool = True, training: 
     device = pick_device(cfg.device)
     dist = init_from_env(device)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+        torch.set_num_threads(max(1, usable_cpus() // dist.world_size))
     if not cfg.data:
         raise DataError("no dataset: pass --data DIR (a folder written by `iccl convert`)")
     train = ShardedSplit(cfg.data, cfg.train_split)
