@@ -149,12 +149,14 @@ def test_cli_several_seeds_print_mean_and_std(tiny, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_learns_and_rebalancing_helps_the_tail(tmp_path, capsys):
-    """`iccl demo` end to end (~2 min on 2 cores). Deterministic on CPU (seed 0); measured 65.9
-    overall / 31.7 few after stage 1 and 74.2 / 62.7 after stage 2: the paper's story, stage 2
-    lifting both. The thresholds leave a wide margin."""
+    """`iccl demo` end to end (~2 min on 2 cores). Deterministic on a given CPU (seed 0), but the
+    precision follows the CPU (`amp=auto`), so the numbers do too. Measured: with bf16 (a CPU with
+    AVX512-BF16) 65.9 overall / 31.7 few after stage 1 and 74.2 / 62.7 after stage 2; in fp32 (an
+    AVX2-only CPU) 76.4 / 65.3 and 80.6 / 72.7. Both tell the paper's story, stage 2 lifting both;
+    the thresholds hold for both with a margin."""
     assert cli(["-q", "demo", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "run-iccl" / "report.json").read_text())
     s1, s2 = report["stage1"], report["stage2"]
     assert s1["top1"] > 50.0  # chance is 10%
-    assert s2["top1"] > s1["top1"] + 3.0  # rebalancing lifts the overall accuracy (+8.3 measured)
-    assert s2["few"] > s1["few"] + 10.0  # classifier rebalancing lifts the tail
+    assert s2["top1"] > s1["top1"] + 2.0  # rebalancing lifts the overall accuracy (+8.3 / +4.2 measured)
+    assert s2["few"] > s1["few"] + 4.0  # classifier rebalancing lifts the tail (+31.0 / +7.3 measured)
