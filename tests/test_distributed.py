@@ -90,3 +90,15 @@ def test_two_processes_match_one_and_two_nodes_match_one_node(data, tmp_path):
     assert len(one) == len(two) > 0
     rel = np.abs(np.array(one) - np.array(two)) / np.abs(np.array(one))
     assert rel.max() < 0.05, rel
+
+
+def test_cifar_rule_trains_unfused_under_torchrun(data, tmp_path):
+    """The CIFAR presets' arrangement (one forward per branch, w^u = 0 after the warm-up) under
+    DistributedDataParallel: the clean forward records no graph, so each backward follows one
+    forward with a graph, as DDP requires, and the ranks keep identical centroids."""
+    args = [*_train_args(data, tmp_path / "unfused"), "--set", "fused_forward=false",
+            "--set", "w_u_zero_after_warmup=true"]
+    _finish([_torchrun(1, 2, 0, _free_port(), args)])
+    checks = [m for m in _metrics(tmp_path / "unfused") if m.get("event") == "centroid_check"]
+    assert checks and checks[0]["max_rank_difference"] == 0.0
+    assert (tmp_path / "unfused" / "final.pt").is_file()

@@ -3,6 +3,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.losses import interpolative_ce, interpolative_centroid_contrastive
 from model.network import ICCLNet
 from train.steps import LossWeights, stage1_loss, stage1_phase, stage2_loss
 
@@ -74,6 +75,42 @@ def test_unfused_forward_normalises_each_branch_by_its_own_batch_statistics():
     expected, za = _eq8_reference(net, x_a, x_m, y_a, y_c, lam, cents, w_u=0.5, w_il=1.0)
     assert abs(unfused.item() - expected) < 1e-6
     assert torch.allclose(z_a, za) and abs(fused.item() - unfused.item()) > 1e-3
+
+
+def test_unfused_clean_forward_records_no_graph_when_w_u_is_zero():
+    """With w^u = 0 (the CIFAR rule after the warm-up) the unfused clean forward runs without a
+    graph: the loss, its gradients and the batch-norm running statistics are those of the same two
+    forwards with a graph (float64, to 1e-12), and z_a carries no grad_fn. With w^u > 0 it keeps its
+    graph, since L_ce^u needs it."""
+    torch.manual_seed(4)
+    enc = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.Tanh())
+    enc.out_dim = 6
+    net = ICCLNet(enc, num_classes=4, proj_dim=3).double().train()
+    _, x_a, x_m, y_a, y_c, lam, cents = _setup(4, n=8)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def run(grad_on_clean: bool):
+        net.load_state_dict(start)
+        net.zero_grad()
+        if grad_on_clean:  # the reference: both forwards record a graph, the loss is Eq. 8 with w^u = 0
+            (_, _, z_a), (_, logits_m, z_m) = net(x_a), net(x_m)
+            loss = interpolative_ce(logits_m, y_a, y_c, lam) + interpolative_centroid_contrastive(
+                z_m, cents, y_a, y_c, lam, 0.1)
+        else:
+            loss, z_a = stage1_loss(net, cents, "iccl", x_a, y_a, x_m, y_c, lam, LossWeights(w_u=0.0), fused=False)
+        loss.backward()
+        grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+        return loss.item(), grads, z_a, {k: v.clone() for k, v in net.state_dict().items()}
+
+    loss, grads, z_a, state = run(False)
+    ref_loss, ref_grads, ref_z_a, ref_state = run(True)
+    assert z_a.grad_fn is None and ref_z_a.grad_fn is not None
+    assert abs(loss - ref_loss) < 1e-12 and len(grads) == len(ref_grads) > 0
+    assert all(torch.allclose(g, r, rtol=0, atol=1e-12) for g, r in zip(grads, ref_grads))
+    assert all(torch.equal(state[k], ref_state[k]) for k in state)  # running stats updated by both forwards
+    assert state["encoder.2.num_batches_tracked"].item() == 2
+    _, z_a = stage1_loss(net, cents, "iccl", x_a, y_a, x_m, y_c, lam, LossWeights(w_u=0.5), fused=False)
+    assert z_a.grad_fn is not None
 
 
 def test_warmup_phase_is_ce_plus_clean_centroid_loss():

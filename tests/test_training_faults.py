@@ -103,6 +103,10 @@ def test_unfused_forward_is_refused_with_several_processes_before_anything_is_wr
     assert not (tmp_path / "run").exists()
     ce = resolve("synthetic-lt", "ce", {"fused_forward": "false"}, data=str(tiny), batch_size=4)
     train.context.build_context(ce, tmp_path / "ce").close()  # CE has one forward: nothing to refuse
+    # The CIFAR rule (w^u = 0 after the warm-up): the clean forward records no graph, so it runs.
+    rule = resolve("synthetic-lt", "iccl", {"fused_forward": "false", "w_u_zero_after_warmup": "true"},
+                   data=str(tiny), batch_size=4)
+    train.context.build_context(rule, tmp_path / "rule").close()
 
 
 def test_precise_bn_sees_the_forwards_training_ran():

@@ -4,7 +4,7 @@ Variants, measured in one run on the same model and the same inputs:
   naive       what a paper codebase does: mixing on the host in float32, two separate forward passes
               (uniform and interpolative), NCHW, no autocast, no compilation;
   fused       our step (train.stage1.Stage1.train_step): on-device mixing fused with normalisation,
-              one forward over [x_a; x_mix], channels_last, autocast where it helps (bf16 on CUDA and
+              the preset's forwards (fused_forward: one over [x_a; x_mix], or one per branch), channels_last, autocast where it helps (bf16 on CUDA and
               on CPUs with native bf16 instructions, see pipeline.device), compiled with --compile;
   end-to-end  the fused step fed by the real loader (decode + augment + transfer included).
 Warm-up steps are excluded (compilation time is reported on its own); CUDA is synchronised before the

@@ -173,7 +173,8 @@ TRAIN_EPILOG = """\
 variants:
   naive       a paper codebase's step: mixing on the host in float32, two forward passes (uniform,
               interpolative), NCHW, no autocast, no compilation
-  fused       ours: on-device mixing fused with normalisation, one forward over [x_a; x_mix],
+  fused       ours: on-device mixing fused with normalisation, the preset's forwards (one per
+              branch on the CIFAR presets, one over [x_a; x_mix] elsewhere: fused_forward),
               channels_last, autocast as in training (bf16 on CUDA and on CPUs with native bf16
               instructions; --set amp=fp32 to compare without it), compiled with --compile
   end-to-end  fused, fed by the real loader from --data (decode, augment, transfer included)

@@ -59,6 +59,7 @@ class Config:
     alpha_b: float = 1.0           # second Beta parameter (the paper's Table 5 tries Beta(0.2, 1.0))
     lambda_per: str = "sample"     # one lambda per "sample" (Eq. 3 per pair) or one per "batch" (mixup's code)
     fused_forward: bool = True     # one forward over [x_a; x_mix] (batch norm over both); False: one each
+                                   # (the CIFAR presets: README, "Where the full budget falls short")
     tau: float = 0.1
     centroid_momentum: float = 0.99
     w_u: float = 1.0               # w^u of Eq. 8: weight of the uniform-branch CE, warm-up included

@@ -155,9 +155,12 @@ def build_context(cfg: Config, run_dir: Path, with_eval: bool = True, training: 
                             f"{sorted(train.meta['splits'])}); choose one of them (`iccl train --set "
                             f"eval_split=NAME`, `iccl eval --split NAME`)")
         eval_split = ShardedSplit(cfg.data, cfg.eval_split)
-    if training and not cfg.fused_forward and cfg.method == "iccl" and dist.world_size > 1:
-        raise DataError("fused_forward=false runs two forwards before one backward, which "
-                        "DistributedDataParallel refuses; run it as one process (no torchrun).")
+    if (training and not cfg.fused_forward and cfg.method == "iccl" and cfg.w_u_after_warmup
+            and dist.world_size > 1):  # with w^u = 0 the clean forward records no graph (train.steps)
+        raise DataError("fused_forward=false with w^u > 0 after the warm-up runs two forwards with "
+                        "a graph before one backward, which DistributedDataParallel refuses: run it "
+                        "as one process (no torchrun), or --set fused_forward=true, or "
+                        "--set w_u_zero_after_warmup=true.")
     if training:
         # Checked before anything is written, so that a refused run can be corrected and started
         # again into the same folder; a run that exists already (resume) is not probed for writing.

@@ -8,8 +8,8 @@ def _cifar(**kw) -> dict:
     base = dict(arch="resnet32", proj_dim=64, augment="pad_crop", image_size=32, eval_resize=32,
                 epochs=200, batch_size=128, lr=0.1, lr_ref_batch=128, weight_decay=2e-4,
                 schedule="step", lr_warmup_epochs=5, lr_steps=(120, 160), lr_step_factor=0.01,
-                warmup_epochs=100, w_u_zero_after_warmup=True, s2_epochs=10, s2_lr=0.01,
-                s2_finetune_encoder=True)
+                warmup_epochs=100, w_u_zero_after_warmup=True, fused_forward=False, s2_epochs=10,
+                s2_lr=0.01, s2_finetune_encoder=True)
     base.update(kw)
     return base
 
@@ -47,8 +47,11 @@ PRESETS: dict[str, dict] = {
     # 0.01 left cRT's re-initialised classifier under-trained: 54.7 -> 63.3). Its few classes have
     # 5-13 images, so stage 2 keeps the encoder frozen (fine-tuning it on a reverse-sampled batch
     # of so few images over-fits them); gamma' = 1 and beta = 0.5 stay the paper's.
+    # It keeps the fused forward it was tuned with (w_u > 0 after the warm-up: two forwards would
+    # both need a backward, which torchrun's DistributedDataParallel refuses).
     "synthetic-lt": _cifar(epochs=30, lr_warmup_epochs=5, lr_steps=(20, 25), warmup_epochs=5,
-                           w_u_zero_after_warmup=False, s2_epochs=10, s2_lr=0.1, s2_finetune_encoder=False),
+                           w_u_zero_after_warmup=False, fused_forward=True, s2_epochs=10, s2_lr=0.1,
+                           s2_finetune_encoder=False),
 }
 
 # The stage-2 family (docs/METHOD.md): the paper's distillation and the classifier-rebalancing
