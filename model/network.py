@@ -1,7 +1,7 @@
 """The ICCL network: encoder f, linear classifier h and projection head g.
 
-``forward`` returns all three outputs so that stage 1 needs one pass over the
-concatenated batch [x_a; x_mix]; stage 2 uses ``forward_features`` + ``classifier``.
+``forward`` returns all three outputs so that stage 1 needs one pass per input (the
+concatenated batch [x_a; x_mix], or each branch); stage 2 uses ``forward_features`` + ``classifier``.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def check_report(report: dict, loaders: list[str], steps: int, batch: int) -> di
     assert report["decode_ceiling_images_per_s"] == max(report["decoders"].values())
     assert report["decoder"] in report["decoders"]
     assert report["floor_images_per_s"] > 0
-    assert set(report["machine"]) == {"cpu_count", "torch", "cuda_device"}
+    assert set(report["machine"]) == {"usable_cpus", "torch", "cuda_device"}
     return rows
 
 

@@ -113,6 +113,35 @@ def test_unfused_clean_forward_records_no_graph_when_w_u_is_zero():
     assert z_a.grad_fn is not None
 
 
+def test_unfused_no_grad_clean_forward_keeps_gradients_under_bf16_autocast():
+    """Autocast caches its bf16 weight copies; a no-grad forward before a graph forward once left
+    the second without weight gradients (pytorch#112583). Under CPU bf16 autocast the gradients of
+    the w^u = 0 step equal those of the same two forwards with a graph (float32 net)."""
+    torch.manual_seed(5)
+    enc = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.Tanh())
+    enc.out_dim = 6
+    net = ICCLNet(enc, num_classes=4, proj_dim=3).train()
+    _, x_a, x_m, y_a, y_c, lam, cents = _setup(6, n=8)
+    x_a, x_m, lam, cents = x_a.float(), x_m.float(), lam.float(), cents.float()
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    grads = []
+    for w_u in (0.0, None):  # None: the reference, both forwards with a graph
+        net.load_state_dict(start)
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if w_u is None:
+                net(x_a)
+                _, logits_m, z_m = net(x_m)
+                loss = interpolative_ce(logits_m, y_a, y_c, lam) + interpolative_centroid_contrastive(
+                    z_m, cents, y_a, y_c, lam, 0.1)
+            else:
+                loss, _ = stage1_loss(net, cents, "iccl", x_a, y_a, x_m, y_c, lam, LossWeights(w_u=w_u), fused=False)
+        loss.backward()
+        grads.append([p.grad for p in net.parameters()])
+    assert all(g is not None for g in grads[0]) and all(g is not None for g in grads[1])
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(*grads))
+
+
 def test_warmup_phase_is_ce_plus_clean_centroid_loss():
     net, x_a, _, y_a, _, _, cents = _setup(1)
     loss, z_a = stage1_loss(net, cents, "warmup", x_a, y_a, weights=LossWeights(tau=0.5))

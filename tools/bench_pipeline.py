@@ -246,6 +246,6 @@ def run(data: str | os.PathLike, split: str = "train", loaders: tuple[str, ...] 
         "augment": {"kind": spec.kind, "size": spec.size, "pad": spec.pad, "jitter": spec.jitter,
                     "flip": spec.flip},
         "workers": workers, "repeats": repeats, "device": str(dev),
-        "machine": {"cpu_count": usable_cpus(), "torch": torch.__version__,
+        "machine": {"usable_cpus": usable_cpus(), "torch": torch.__version__,
                     "cuda_device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
     }

@@ -202,7 +202,7 @@ def run(work: Path, *, scale: float = 1.0, datasets=DATASETS, skip=(), ffcv: boo
         raise DataError(f"{path} holds results made with other inputs ({report['inputs']}); use "
                         f"another --work folder for these (--counts, --lists-dir, --tiles-from), or "
                         f"delete it")
-    report.update(scale=scale, workers=workers, cpu_count=usable_cpus(), inputs=inputs)
+    report.update(scale=scale, workers=workers, usable_cpus=usable_cpus(), inputs=inputs)
     report.setdefault("datasets", {})
 
     for kind in datasets:

@@ -162,8 +162,8 @@ def run(preset: str, data: str | None, batch_size: int | None, steps: int, warmu
     peaks["fused"] = peaks["end-to-end"] = matmul_flops(device, fused_dtype) if fused_dtype else peaks["naive"]
 
     # FLOPs per variant, counted on eager steps: they differ where a branch needs no backward (with
-    # w^u = 0 the naive step never back-propagates its clean forward; the fused one must, because
-    # batch norm couples the two halves of its batch).
+    # w^u = 0 the naive step never back-propagates its clean forward; one fused forward must,
+    # because batch norm couples the two halves of its batch; the unfused one does not either).
     naive = NaiveStage1(cfg, new_network(cfg, num_classes).to(device),
                         CentroidBank(num_classes, cfg.proj_dim).to(device), device)
     eager = Stage1(bench_context(dataclasses.replace(cfg, compile=False), device),

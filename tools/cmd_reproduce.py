@@ -70,8 +70,9 @@ def cmd_reproduce(args) -> int:
     # Every run's settings are checked before the conversion and the first run start.
     # The reduced budget keeps the recipe's 5 lr warm-up epochs (`--epochs` alone would scale them).
     reduced = {"lr_warmup_epochs": 5} if epochs == REDUCED_EPOCHS and not args.epochs else {}
-    configs = {(method, seed): resolve(args.dataset, method, data=str(data.resolve()), epochs=epochs,
-                                       seed=seed, device=args.device, loader=args.loader, **reduced)
+    configs = {(method, seed): _resumed(out / method / f"seed-{seed}", resolve(
+                   args.dataset, method, data=str(data.resolve()), epochs=epochs, seed=seed,
+                   device=args.device, loader=args.loader, **reduced))
                for method in methods for seed in seeds}
     if not (data / META_FILE).is_file():
         say(f"converting {args.source} to {args.dataset} at ratio {ratio} in {data}")
@@ -96,3 +97,20 @@ def cmd_reproduce(args) -> int:
     print_table(mean_std_table(rows, f"{args.dataset}, ratio {ratio}, {summary['epochs']} epochs: top-1 % "
                                      f"(paper: ICCL {paper['ICCL']}, CE {paper['CE']}, cRT {paper['cRT']})"))
     return 0
+
+
+def _resumed(run: Path, cfg):
+    """A run folder that exists resumes with the settings it started with, even where a later
+    version's presets differ (e.g. the CIFAR presets' fused_forward): only what this command asks
+    for (method, seed, epochs) must match, and the machine-side settings are taken as given now."""
+    from dataclasses import replace
+
+    from train.config import load_config_json
+    if not (run / "config.json").is_file():
+        return cfg
+    old = load_config_json(run / "config.json")
+    for key in ("method", "seed", "epochs"):
+        if getattr(old, key) != getattr(cfg, key):
+            raise DataError(f"{run} holds a run with {key} {getattr(old, key)}, not {getattr(cfg, key)}: "
+                            f"rerun with the options it was started with, or choose another --out.")
+    return replace(old, data=cfg.data, device=cfg.device, loader=cfg.loader)

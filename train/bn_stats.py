@@ -10,7 +10,8 @@ Johnson, "Rethinking 'Batch' in BatchNorm", 2021, Sec. 3: precise BN), removes t
 the run's length; for a long run it changes the statistics little.
 
 The batches are those the last stage-1 epoch trained on (same samples, augmentation and lambdas,
-so the fused [x_a; x_mix] batches of the interpolative phase), passed through the network in
+so in the interpolative phase the fused [x_a; x_mix] batches, or x_a and x_mix apart as an
+unfused run trains them), passed through the network in
 training mode without gradients by `torch.optim.swa_utils.update_bn` (cumulative average). With
 several processes each one averages its own batches, then the statistics are averaged over
 processes so every rank holds the same model.

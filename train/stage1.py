@@ -23,9 +23,10 @@ def wrap(ctx, module: torch.nn.Module) -> torch.nn.Module:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         module = DDP(module, device_ids=ids)
     if ctx.cfg.compile:
-        # Static shapes: the batch doubles when the warm-up ends (one stream -> two); with
-        # dynamic=None torch would then recompile for a symbolic batch size (slower kernels, and
-        # a third graph if a shape changes again). A second static graph is compiled instead.
+        # Static shapes: when the warm-up ends the batch doubles (fused: one stream -> two) or the
+        # clean forward loses its graph (unfused, w^u = 0); with dynamic=None torch would then
+        # recompile for a symbolic batch size (slower kernels, and a third graph if a shape changes
+        # again). A second static graph is compiled instead.
         module = torch.compile(module, dynamic=False)
     return module
 
