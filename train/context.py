@@ -5,7 +5,6 @@ normalised / mixed here; the stages see batches of normalised tensors.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,9 +139,9 @@ def build_context(cfg: Config, run_dir: Path, with_eval: bool = True, training: 
     device = pick_device(cfg.device)
     dist = init_from_env(device)
     if device.type == "cpu":
-        # The processes on this machine share its cores (torchrun's LOCAL_WORLD_SIZE; the other
-        # nodes' processes have their own).
-        torch.set_num_threads(max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))))
+        # Divided by all processes, not only this machine's: never oversubscribes, and every
+        # rank computes with the same thread count (the multi-node test's bit-for-bit check).
+        torch.set_num_threads(max(1, usable_cpus() // dist.world_size))
     if not cfg.data:
         raise DataError("no dataset: pass --data DIR (a folder written by `iccl convert`)")
     train = ShardedSplit(cfg.data, cfg.train_split)
