@@ -59,14 +59,25 @@ def test_iccl_phase_is_eq8():
     assert torch.allclose(z_a, za)
 
 
+def _bn_net():
+    """A tiny ICCLNet whose encoder has batch norm (train mode), for the unfused-forward tests."""
+    enc = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.Tanh())
+    enc.out_dim = 6
+    return ICCLNet(enc, num_classes=4, proj_dim=3).train()
+
+
+def _il_loss(logits_m, z_m, cents, y_a, y_c, lam, tau=0.1):
+    """Eq. 8 with w^u = 0: the interpolative CE plus the interpolative centroid contrastive loss."""
+    return interpolative_ce(logits_m, y_a, y_c, lam) + interpolative_centroid_contrastive(
+        z_m, cents, y_a, y_c, lam, tau)
+
+
 def test_unfused_forward_normalises_each_branch_by_its_own_batch_statistics():
     """fused=False: one forward per branch. With batch norm in training mode the loss is Eq. 8 on
     the logits of x_a and x_mix each normalised alone (computed here by two separate calls), and it
     differs from the fused forward, whose statistics span both branches."""
     torch.manual_seed(3)
-    enc = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.Tanh())
-    enc.out_dim = 6
-    net = ICCLNet(enc, num_classes=4, proj_dim=3).double().train()
+    net = _bn_net().double()
     _, x_a, x_m, y_a, y_c, lam, cents = _setup(4, n=8)
     x_m = 3 * x_m + 1  # other statistics than x_a
     w = LossWeights(w_u=0.5)
@@ -83,9 +94,7 @@ def test_unfused_clean_forward_records_no_graph_when_w_u_is_zero():
     forwards with a graph (float64, to 1e-12), and z_a carries no grad_fn. With w^u > 0 it keeps its
     graph, since L_ce^u needs it."""
     torch.manual_seed(4)
-    enc = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.Tanh())
-    enc.out_dim = 6
-    net = ICCLNet(enc, num_classes=4, proj_dim=3).double().train()
+    net = _bn_net().double()
     _, x_a, x_m, y_a, y_c, lam, cents = _setup(4, n=8)
     start = {k: v.clone() for k, v in net.state_dict().items()}
 
@@ -94,8 +103,7 @@ def test_unfused_clean_forward_records_no_graph_when_w_u_is_zero():
         net.zero_grad()
         if grad_on_clean:  # the reference: both forwards record a graph, the loss is Eq. 8 with w^u = 0
             (_, _, z_a), (_, logits_m, z_m) = net(x_a), net(x_m)
-            loss = interpolative_ce(logits_m, y_a, y_c, lam) + interpolative_centroid_contrastive(
-                z_m, cents, y_a, y_c, lam, 0.1)
+            loss = _il_loss(logits_m, z_m, cents, y_a, y_c, lam)
         else:
             loss, z_a = stage1_loss(net, cents, "iccl", x_a, y_a, x_m, y_c, lam, LossWeights(w_u=0.0), fused=False)
         loss.backward()
@@ -118,9 +126,7 @@ def test_unfused_no_grad_clean_forward_keeps_gradients_under_bf16_autocast():
     the second without weight gradients (pytorch#112583). Under CPU bf16 autocast the gradients of
     the w^u = 0 step equal those of the same two forwards with a graph (float32 net)."""
     torch.manual_seed(5)
-    enc = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.Tanh())
-    enc.out_dim = 6
-    net = ICCLNet(enc, num_classes=4, proj_dim=3).train()
+    net = _bn_net()
     _, x_a, x_m, y_a, y_c, lam, cents = _setup(6, n=8)
     x_a, x_m, lam, cents = x_a.float(), x_m.float(), lam.float(), cents.float()
     start = {k: v.clone() for k, v in net.state_dict().items()}
@@ -132,8 +138,7 @@ def test_unfused_no_grad_clean_forward_keeps_gradients_under_bf16_autocast():
             if w_u is None:
                 net(x_a)
                 _, logits_m, z_m = net(x_m)
-                loss = interpolative_ce(logits_m, y_a, y_c, lam) + interpolative_centroid_contrastive(
-                    z_m, cents, y_a, y_c, lam, 0.1)
+                loss = _il_loss(logits_m, z_m, cents, y_a, y_c, lam)
             else:
                 loss, _ = stage1_loss(net, cents, "iccl", x_a, y_a, x_m, y_c, lam, LossWeights(w_u=w_u), fused=False)
         loss.backward()
