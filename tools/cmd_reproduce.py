@@ -43,6 +43,11 @@ def register(sub) -> None:
     p.add_argument("--methods", default="ce,iccl", help="which of ce,iccl to run (default both)")
     p.add_argument("--device", default="auto")
     p.add_argument("--loader", default="auto", choices=LOADER_CHOICES)
+    p.add_argument("--val-per-class", type=int, default=0, metavar="N",
+                   help="also convert a balanced validation split of N images per class, drawn from the "
+                        "training images the long-tailed subset leaves out (the head class gives up N of "
+                        "its own), and report each stage on it; `iccl stage2 --from RUN` then tunes "
+                        "τ-norm, logit adjustment and MiSLAS on it. The tables stay on the test split.")
     p.set_defaults(handler=cmd_reproduce)
 
 
@@ -70,14 +75,17 @@ def cmd_reproduce(args) -> int:
     # Every run's settings are checked before the conversion and the first run start.
     # The reduced budget keeps the recipe's 5 lr warm-up epochs (`--epochs` alone would scale them).
     reduced = {"lr_warmup_epochs": 5} if epochs == REDUCED_EPOCHS and not args.epochs else {}
+    val = {"val_split": "val"} if args.val_per_class > 0 else {}
     configs = {(method, seed): _resumed(out / method / f"seed-{seed}", resolve(
                    args.dataset, method, data=str(data.resolve()), epochs=epochs, seed=seed,
-                   device=args.device, loader=args.loader, **reduced))
+                   device=args.device, loader=args.loader, **reduced, **val))
                for method in methods for seed in seeds}
-    if not (data / META_FILE).is_file():
+    if (data / META_FILE).is_file():
+        _check_data(data, args)
+    else:
         say(f"converting {args.source} to {args.dataset} at ratio {ratio} in {data}")
         convert(load_cifar_lt(args.source, 10 if args.dataset == "cifar10-lt" else 100,
-                              args.imbalance, seed=0), data)
+                              args.imbalance, seed=0, val_per_class=args.val_per_class), data)
     reports: dict[str, list[dict]] = {m: [] for m in methods}
     for (method, seed), cfg in configs.items():
         say(f"{method} seed {seed}: {cfg.epochs} + {cfg.s2_epochs} epochs -> {out / method / f'seed-{seed}'}")
@@ -90,13 +98,25 @@ def cmd_reproduce(args) -> int:
         rows["ICCL (stage 1)"] = [r["stage1"] for r in reports["iccl"]]
         rows["ICCL"] = [r["stage2"] for r in reports["iccl"]]
     paper = dict(zip(("ICCL", "CE", "cRT"), PAPER[args.dataset].get(ratio, (None,) * 3)))
-    summary = {"dataset": args.dataset, "imbalance": ratio, "epochs": epochs or 200, "seeds": seeds,
+    summary = {"dataset": args.dataset, "imbalance": ratio, "val_per_class": args.val_per_class,
+               "epochs": epochs or 200, "seeds": seeds,
                "rows": {k: mean_std(v) for k, v in rows.items()}, "paper_top1": paper,
                "train_seconds": {m: [r.get("train_seconds_this_session") for r in rs] for m, rs in reports.items()}}
     write_json(out / "summary.json", summary)
     print_table(mean_std_table(rows, f"{args.dataset}, ratio {ratio}, {summary['epochs']} epochs: top-1 % "
                                      f"(paper: ICCL {paper['ICCL']}, CE {paper['CE']}, cRT {paper['cRT']})"))
     return 0
+
+
+def _check_data(data: Path, args) -> None:
+    """The data an earlier run of this command converted must be what this one asks for."""
+    from pipeline.format import read_meta
+    source = read_meta(data).get("source", {})
+    have = (source.get("imbalance"), source.get("val_per_class", 0))
+    if have != (args.imbalance, args.val_per_class):
+        raise DataError(f"{data} holds {args.dataset} at ratio {have[0]} with --val-per-class {have[1]}, "
+                        f"not ratio {args.imbalance} with --val-per-class {args.val_per_class}: rerun with "
+                        f"the options it was converted with, or choose another --out.")
 
 
 def _resumed(run: Path, cfg):

@@ -26,10 +26,11 @@ Choices (--set stage2=...):
   logit_adjust  logits - tau * log(prior), tau chosen among s2_logit_adjust_grid (no training)
   mislas        label-aware smoothing (concave, eps_1 chosen among s2_mislas_eps_head) with LWS
 
-Only stage-2 settings may change (stage2, s2_*); the stage 1 is the run's, read from its stage1.pt
-(nothing is copied: OUT/stage1_source.json records its path and SHA-256). Tuned values are chosen on
-the validation split carved from the training split, which needs a stage 1 trained with
---set val_fraction=0.1 (or give a one-value grid). The result is the model after the last epoch;
+Only stage-2 settings may change (stage2, s2_*, val_split); the stage 1 is the run's, read from its
+stage1.pt (nothing is copied: OUT/stage1_source.json records its path and SHA-256). Tuned values
+are chosen on a validation split, never the test split: --set val_split=val where the dataset was
+converted with --val-per-class N, or the carve of a stage 1 trained with --set val_fraction=0.1
+(or give a one-value grid). The result is the model after the last epoch;
 `iccl eval --run OUT` evaluates it again.
 """
 

@@ -38,7 +38,9 @@ checked before anything is written: a refused run can be corrected and started a
 same --out. A setting given both by its flag and by --set (e.g. --batch-size 5 --set batch_size=3)
 must say the same thing.
 Stage 2 is --set stage2=distill|crt|ncm|tau_norm|lws|logit_adjust|mislas (docs/METHOD.md); the
-choices that tune a value need a validation carve: --set val_fraction=0.1.
+choices that tune a value need a validation split: --set val_split=val for a dataset converted with
+--val-per-class N (nothing held out of training), or a carve of the training split, --set
+val_fraction=0.1.
 A run directory holds config.json, metrics.jsonl, checkpoints and report.json; pointing
 `iccl train` at an existing run resumes it exactly where it stopped. After the final evaluation
 it also holds per_class.png, weight_norms.png and curves.png; --set tensorboard=true also writes

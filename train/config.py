@@ -68,6 +68,7 @@ class Config:
     # stage 2 (classifier rebalancing): one of STAGE2_CHOICES, see docs/METHOD.md
     stage2: str = "distill"
     val_fraction: float = 0.0      # per class, held out of BOTH stages as the validation split
+    val_split: str = ""            # or a converted split as the validation split (nothing held out)
     s2_tau_norm_grid: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))  # tau_norm exponent
     s2_logit_adjust_grid: tuple[float, ...] = tuple(round(0.25 * i, 2) for i in range(13))  # LA tau
     s2_mislas_eps_head: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)  # epsilon_1 candidates (MiSLAS)
@@ -169,7 +170,8 @@ RANGES: dict[str, Range] = {
 }
 # Free-text settings, checked against the dataset when a run starts.
 TEXT_SETTINGS = {"data": "a folder written by `iccl convert`", "train_split": "a split of the dataset",
-                 "eval_split": "a split of the dataset"}
+                 "eval_split": "a split of the dataset",
+                 "val_split": "a split of the dataset, not the training or evaluation one (empty: none)"}
 # Settings that hold three values (one per RGB channel).
 RGB_SETTINGS = ("mean", "std")
 # Dedicated flags of `iccl train` for some settings (the same setting may also come with --set).
@@ -344,13 +346,21 @@ def _stage2_problems(cfg: Config) -> list[str]:
         problems.append(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
     if cfg.stage2 != "distill" and cfg.s2_beta > 0:
         problems.append(f"s2_beta={cfg.s2_beta}: distillation belongs to stage2=distill (set s2_beta=0)")
-    if cfg.stage2 in STAGE2_TUNED and cfg.val_fraction == 0:
+    if cfg.val_split and cfg.val_fraction > 0:
+        problems.append(f"val_split={cfg.val_split} and val_fraction={cfg.val_fraction}: two validation "
+                        f"splits; keep one (val_fraction=0 keeps every training image)")
+    if cfg.val_split in (cfg.train_split, cfg.eval_split):
+        role = "trained on" if cfg.val_split == cfg.train_split else "reported on (eval_split)"
+        problems.append(f"val_split={cfg.val_split}: the split {role}; choices must be made on another "
+                        f"split, e.g. the val split of `iccl convert --val-per-class N`")
+    if cfg.stage2 in STAGE2_TUNED and cfg.val_fraction == 0 and not cfg.val_split:
         setting, name = STAGE2_TUNED[cfg.stage2]
         if len(getattr(cfg, setting)) > 1:
             problems.append(
-                f"stage2={cfg.stage2} chooses {name} among {setting} on a validation split carved from the "
-                f"training split, and val_fraction is 0: train stage 1 with --set val_fraction=0.1 (both "
-                f"stages then leave those images out), or fix the value with --set {setting}=VALUE")
+                f"stage2={cfg.stage2} chooses {name} among {setting} on a validation split, and there is "
+                f"none: --set val_split=val for a dataset converted with --val-per-class N, or train "
+                f"stage 1 with --set val_fraction=0.1 (both stages then leave those images out), or fix "
+                f"the value with --set {setting}=VALUE")
     if not (cfg.s2_tau_norm_grid and cfg.s2_logit_adjust_grid and cfg.s2_mislas_eps_head):
         problems.append("the stage-2 grids (s2_tau_norm_grid, s2_logit_adjust_grid, s2_mislas_eps_head) "
                         "need at least one value")

@@ -38,7 +38,7 @@ class Context:
     eval: ShardedSplit | None
     metrics: MetricsLog
     amp_dtype: torch.dtype | None
-    val: ShardedSplit | None = None  # carved from the training split when cfg.val_fraction > 0
+    val: ShardedSplit | None = None  # cfg.val_split, or carved from the training split (cfg.val_fraction)
     _loaders: dict = field(default_factory=dict)
     corrupt_images_said: bool = False  # train.loop says it once per run
 
@@ -133,6 +133,16 @@ def _check_batch(cfg: Config, train: ShardedSplit, world_size: int) -> None:
                         f"change the batch size or the process count.")
 
 
+def _named_split(cfg: Config, setting: str, splits) -> str:
+    name = getattr(cfg, setting)
+    if name not in splits:
+        hint = (" (`iccl convert ... --val-per-class N` writes a validation split named val)"
+            if setting == "val_split" else ", or `iccl eval --split NAME` for a run already trained")
+        raise DataError(f"{cfg.data}: no {name!r} split for {setting} (it has {sorted(splits)}); choose "
+                        f"one of them with --set {setting}=NAME{hint}")
+    return name
+
+
 def build_context(cfg: Config, run_dir: Path, with_eval: bool = True, training: bool = True) -> Context:
     """`with_eval` False: no evaluation split is needed (benchmarks). `training` False: only
     evaluation follows (no batch to fit, nothing to write in `run_dir`)."""
@@ -150,13 +160,11 @@ def build_context(cfg: Config, run_dir: Path, with_eval: bool = True, training: 
         fit_idx, val_idx = carve_validation(train.labels, cfg.val_fraction, train.num_classes)
         train, val = (subset(train, fit_idx, f"{cfg.train_split}-fit"),
                       subset(train, val_idx, f"{cfg.train_split}-val"))
+    if cfg.val_split:
+        val = ShardedSplit(cfg.data, _named_split(cfg, "val_split", train.meta["splits"]))
     eval_split = None
     if with_eval:
-        if cfg.eval_split not in train.meta["splits"]:
-            raise DataError(f"{cfg.data}: no {cfg.eval_split!r} split to evaluate on (it has "
-                            f"{sorted(train.meta['splits'])}); choose one of them (`iccl train --set "
-                            f"eval_split=NAME`, `iccl eval --split NAME`)")
-        eval_split = ShardedSplit(cfg.data, cfg.eval_split)
+        eval_split = ShardedSplit(cfg.data, _named_split(cfg, "eval_split", train.meta["splits"]))
     if (training and not cfg.fused_forward and cfg.method == "iccl" and cfg.w_u_after_warmup
             and dist.world_size > 1):  # with w^u = 0 the clean forward records no graph (train.steps)
         raise DataError("fused_forward=false with w^u > 0 after the warm-up runs two forwards with "

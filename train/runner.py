@@ -96,9 +96,9 @@ def predictor(ctx: Context, net: ICCLNet):
 
 def run_eval(ctx: Context, net: ICCLNet, split: str = "eval") -> dict:
     """Top-1 overall and by many / medium / few (train.evaluate) on the evaluation split, or with
-    split="val" on the validation split carved from the training split (val_fraction > 0). The
-    carve keeps the training imbalance, so its result adds "class_mean": the mean of the per-class
-    accuracies (%), the number to compare choices by, as the balanced test split would."""
+    split="val" on the validation split (val_split, or the carve of val_fraction > 0). A carve keeps
+    the training imbalance, so the result adds "class_mean": the mean of the per-class accuracies
+    (%), the number to compare choices by, as the balanced test split would."""
     was_training = net.training
     net.eval()
     batches = ctx.eval_batches() if split == "eval" else ctx.plain_batches("val")

@@ -2,8 +2,9 @@
 
 Nothing big is copied: RUN2 records where its stage 1 came from in `stage1_source.json` (the path
 and SHA-256 of RUN/stage1.pt, RUN's stage-1 evaluation) and trains, resumes and evaluates like any
-run. Its config is RUN's, with only the stage-2 settings (`STAGE2_FIELDS`) and the settings that
-change speed, not results, allowed to differ.
+run. Its config is RUN's, with only the stage-2 settings (`STAGE2_FIELDS`), the split stage 2 tunes on
+(`val_split`: a converted split that stage 1 never read) and the settings that change speed, not
+results, allowed to differ.
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from train import checkpoint
 from train.config import SEEDS_FILE, STAGE2_FIELDS, Config, resolve
 from train.inference import stage1_path
 from train.runner import RESUMABLE_CHANGES
+
+# What a stage 2 from an existing stage 1 may set: its own settings, and the converted split it
+# tunes on (stage 1 never reads val_split; a carve, val_fraction, changed stage 1's images and stays).
+STAGE2_SIDE = (*STAGE2_FIELDS, "val_split")
 
 
 def stage2_run_config(source_run: Path, overrides: dict[str, str],
@@ -33,10 +38,10 @@ def stage2_run_config(source_run: Path, overrides: dict[str, str],
     if not path.is_file():
         raise DataError(f"{path}: missing; the stage 1 of {source_run} has not finished (resume it with "
                         f"`iccl train --out {source_run}`), or --from is not a run directory.")
-    stage1_only = sorted(k for k in overrides if k not in STAGE2_FIELDS and k not in RESUMABLE_CHANGES)
+    stage1_only = sorted(k for k in overrides if k not in STAGE2_SIDE and k not in RESUMABLE_CHANGES)
     if stage1_only:
         raise DataError(f"--set {', '.join(stage1_only)}: stage-1 settings; the stage 1 of {source_run} is "
-                        f"fixed. Change only {', '.join(STAGE2_FIELDS)} here, or train a new run.")
+                        f"fixed. Change only {', '.join(STAGE2_SIDE)} here, or train a new run.")
     saved = checkpoint.load(path)
     values = Config.from_dict(saved["config"]).to_dict()  # also reads configs of older versions
     cfg = resolve(None, None, overrides, base=values, **(explicit or {}))

@@ -3,8 +3,8 @@
 - distill, crt, lws, mislas train through `train.stage2.Stage2` and the shared epoch loop;
 - ncm, tau_norm, logit_adjust do not train: they rewrite the classifier from features.
 A tuned value (the tau-norm exponent, the logit-adjustment tau, MiSLAS's epsilon_1) is chosen among
-its grid setting by the class-mean top-1 on the validation split carved from the training split
-(`val_fraction`), never on the test split; the result is the model as it stands after the last
+its grid setting by the class-mean top-1 on the validation split (`val_split`, a converted split,
+or the carve `val_fraction`), never on the test split; the result is the model as it stands after the last
 epoch. A grid of one value needs no validation split.
 """
 from __future__ import annotations
@@ -129,7 +129,8 @@ def _class_sums(ctx, net):
 
 def _val_features(ctx, net):
     if ctx.val is None:
-        raise DataError(f"stage2={ctx.cfg.stage2}: no validation split to tune on; train stage 1 with "
+        raise DataError(f"stage2={ctx.cfg.stage2}: no validation split to tune on; --set val_split=val "
+                        f"for a dataset converted with --val-per-class N, or train stage 1 with "
                         f"--set val_fraction=0.1")
     return _features(ctx, net, "val")
 
