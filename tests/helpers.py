@@ -80,11 +80,26 @@ def hwc(x: torch.Tensor) -> np.ndarray:
 K = 4  # classes of `make_tiny_lt` and `train_tiny_run`
 
 
-def make_tiny_lt(root: Path) -> Path:
-    """A converted 4-class 32-px long-tailed dataset at `root`: train counts 24 / 12 / 8 / 4, and 16
-    balanced test images. The tests' small training runs use it."""
-    return make_converted(root, {"train": (random_images(48, 32, seed=1), np.repeat(np.arange(K), [24, 12, 8, 4])),
-                                 "test": (random_images(16, 32, seed=2), np.arange(16) % K)}, K)
+def make_tiny_lt(root: Path, val_per_class: int = 0) -> Path:
+    """A converted 4-class 32-px long-tailed dataset at `root`: train counts 24 / 12 / 8 / 4, 16
+    balanced test images and, with val_per_class > 0, a balanced "val" split. The tests' small
+    training runs use it."""
+    splits = {"train": (random_images(48, 32, seed=1), np.repeat(np.arange(K), [24, 12, 8, 4])),
+              "test": (random_images(16, 32, seed=2), np.arange(16) % K)}
+    if val_per_class:
+        splits["val"] = (random_images(K * val_per_class, 32, seed=3), np.arange(K * val_per_class) % K)
+    return make_converted(root, splits, K)
+
+
+def tiny_config(data: Path, method: str = "iccl", overrides: dict | None = None, **given):
+    """The tests' small-run settings on `data`: synthetic-lt, 2 + 1 epochs of batch 16, no lr warm-up,
+    one lr step, the in-memory loader, no time-based checkpoints; `overrides` are --set strings,
+    `given` typed values that replace these."""
+    from train.config import resolve
+    sets = {"lr_warmup_epochs": "0", "lr_steps": "1", "checkpoint_minutes": "0", **(overrides or {})}
+    speed = dict(epochs=2, warmup_epochs=1, batch_size=16, s2_epochs=1, loader="resident", workers=0,
+                 log_every=1, eval_batch_size=16)
+    return resolve("synthetic-lt", method, sets, data=str(data), **{**speed, **given})
 
 
 def train_tiny_run(root: Path) -> dict:
@@ -92,14 +107,9 @@ def train_tiny_run(root: Path) -> dict:
     24 / 12 / 8 / 4, 16 test images), and a folder of image files: two 32-px PNGs (one nested), a
     48x40 JPEG (resized by the eval transform), a corrupt file, a hidden file and a text file."""
     from PIL import Image
-    from train.config import resolve
     from train.runner import train
     data = make_tiny_lt(root / "data")
-    cfg = resolve("synthetic-lt", "iccl", {"lr_warmup_epochs": "0", "lr_steps": "1", "checkpoint_minutes": "0",
-                                           "tensorboard": "true"},
-                  data=str(data), epochs=2, warmup_epochs=1, batch_size=16, s2_epochs=1, loader="resident",
-                  workers=0, log_every=1, eval_batch_size=16)
-    report = train(cfg, root / "run")
+    report = train(tiny_config(data, overrides={"tensorboard": "true"}), root / "run")
     photos = root / "photos"
     (photos / "b" / "nested").mkdir(parents=True)
     rng = np.random.default_rng(3)

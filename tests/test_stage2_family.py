@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from helpers import make_converted, random_images
+from helpers import K, make_tiny_lt, tiny_config
 from tools.cli import main as cli
 from train import checkpoint
 from train.config import STAGE2_CHOICES, resolve
 from train.runner import train
 
-K = 4
 SPEED = ["--loader", "resident", "--workers", "0"]
 
 
@@ -23,15 +21,7 @@ SPEED = ["--loader", "resident", "--workers", "0"]
 def runs(tmp_path_factory):
     """An ICCL run with a validation carve (val_fraction 0.25: 6 / 3 / 2 / 1 images held out)."""
     root = tmp_path_factory.mktemp("family")
-    data = root / "data"
-    labels = np.repeat(np.arange(K), [24, 12, 8, 4])
-    make_converted(data, {"train": (random_images(48, 32, seed=1), labels),
-                          "test": (random_images(16, 32, seed=2), np.arange(16) % K)}, K)
-    cfg = resolve("synthetic-lt", "iccl",
-                  {"lr_warmup_epochs": "0", "lr_steps": "1", "checkpoint_minutes": "0", "val_fraction": "0.25"},
-                  data=str(data), epochs=2, warmup_epochs=1, batch_size=16, s2_epochs=1, loader="resident",
-                  workers=0, log_every=1, eval_batch_size=16)
-    train(cfg, root / "iccl")
+    train(tiny_config(make_tiny_lt(root / "data"), overrides={"val_fraction": "0.25"}), root / "iccl")
     return root
 
 

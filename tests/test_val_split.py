@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import make_converted, random_images
+from helpers import make_converted, make_tiny_lt, random_images, tiny_config
 from pipeline.atomic import write_json
 from pipeline.errors import DataError
 from pipeline.format import META_FILE, read_meta
@@ -16,7 +16,6 @@ from tools.cli import main as cli
 from train.config import resolve
 from train.runner import train
 
-K = 4
 SPEED = ["--loader", "resident", "--workers", "0"]
 
 
@@ -24,14 +23,7 @@ SPEED = ["--loader", "resident", "--workers", "0"]
 def run(tmp_path_factory):
     """An ICCL run (no carve) on data with train (24 / 12 / 8 / 4), val (3 per class) and test."""
     root = tmp_path_factory.mktemp("valsplit")
-    data = root / "data"
-    make_converted(data, {"train": (random_images(48, 32, seed=1), np.repeat(np.arange(K), [24, 12, 8, 4])),
-                          "val": (random_images(12, 32, seed=3), np.arange(12) % K),
-                          "test": (random_images(16, 32, seed=2), np.arange(16) % K)}, K)
-    cfg = resolve("synthetic-lt", "iccl", {"lr_warmup_epochs": "0", "lr_steps": "1", "checkpoint_minutes": "0"},
-                  data=str(data), epochs=2, warmup_epochs=1, batch_size=16, s2_epochs=1, loader="resident",
-                  workers=0, log_every=1, eval_batch_size=16, amp="fp32")
-    report = train(cfg, root / "iccl")
+    report = train(tiny_config(make_tiny_lt(root / "data", val_per_class=3), amp="fp32"), root / "iccl")
     assert "stage1_val" not in report  # no validation split was asked for
     return root
 
@@ -49,6 +41,7 @@ def test_conflicting_validation_settings_are_refused():
     assert len(tuned.s2_tau_norm_grid) > 1 and tuned.val_fraction == 0
 
 
+@pytest.mark.slow
 def test_stage2_from_a_run_tunes_on_the_converted_split(run, tmp_path):
     """The chosen τ is the grid's best on the val split: its class-mean top-1 there is the one the
     search recorded for it, and the model's own evaluation on val gives the same number."""
@@ -66,17 +59,15 @@ def test_stage2_from_a_run_tunes_on_the_converted_split(run, tmp_path):
     assert json.loads((out / "config.json").read_text())["val_split"] == "val"
 
 
+@pytest.mark.slow
 def test_training_with_val_split_keeps_every_training_image(run, tmp_path):
-    cfg = resolve("synthetic-lt", "ce", {"lr_warmup_epochs": "0", "lr_steps": "1", "checkpoint_minutes": "0",
-                                         "val_split": "val"},
-                  data=str(run / "data"), epochs=1, batch_size=16, s2_epochs=1, loader="resident",
-                  workers=0, eval_batch_size=16)
-    report = train(cfg, tmp_path / "ce")
+    report = train(tiny_config(run / "data", "ce", {"val_split": "val"}, epochs=1), tmp_path / "ce")
     assert report["stage1_val"]["num_samples"] == 12 and report["stage2_val"]["num_samples"] == 12
     steps = {json.loads(line).get("steps") for line in (tmp_path / "ce" / "metrics.jsonl").open()}
     assert steps - {None} == {3}  # 48 images in batches of 16 (a carve of 10 % would leave 43: 2 steps)
 
 
+@pytest.mark.slow
 def test_a_missing_split_names_the_fix(run, tmp_path, capsys):
     assert cli(["-q", "stage2", "--from", str(run / "iccl"), "--out", str(tmp_path / "x"), *SPEED,
                 "--set", "stage2=tau_norm", "--set", "val_split=holdout"]) == 2
