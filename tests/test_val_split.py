@@ -35,6 +35,9 @@ def test_conflicting_validation_settings_are_refused():
         resolve("synthetic-lt", overrides={"val_split": "test"})  # the preset's eval_split
     with pytest.raises(DataError, match="trained on"):
         resolve("synthetic-lt", overrides={"val_split": "train"})
+    with pytest.raises(DataError, match="named test"):  # even where the runs report on val
+        resolve("synthetic-lt", overrides={"val_split": "test", "eval_split": "val"})
+    resolve("synthetic-lt", overrides={"eval_split": ""})  # no val_split: not compared with the others
     with pytest.raises(DataError, match="val_split=val"):  # a search without a split names both ways out
         resolve("synthetic-lt", overrides={"stage2": "tau_norm"})
     tuned = resolve("synthetic-lt", overrides={"stage2": "tau_norm", "val_split": "val"})
@@ -42,9 +45,14 @@ def test_conflicting_validation_settings_are_refused():
 
 
 @pytest.mark.slow
-def test_stage2_from_a_run_tunes_on_the_converted_split(run, tmp_path):
-    """The chosen τ is the grid's best on the val split: its class-mean top-1 there is the one the
-    search recorded for it, and the model's own evaluation on val gives the same number."""
+def test_stage2_from_a_run_tunes_on_the_converted_split(run, tmp_path, monkeypatch, capsys):
+    """The search reads the 12 images of val (test has 16); the chosen τ is the grid's best there,
+    and the model's own evaluation on val gives the number the search recorded for it."""
+    from train import stage2_methods
+    read = []
+    real = stage2_methods._val_features
+    monkeypatch.setattr(stage2_methods, "_val_features",
+                        lambda ctx, net: read.append(real(ctx, net)) or read[-1])
     out = tmp_path / "la"
     assert cli(["-q", "stage2", "--from", str(run / "iccl"), "--out", str(out), *SPEED,
                 "--set", "stage2=logit_adjust", "--set", "val_split=val"]) == 0
@@ -56,7 +64,12 @@ def test_stage2_from_a_run_tunes_on_the_converted_split(run, tmp_path):
     assert val["num_samples"] == 12  # the converted split, not a carve
     assert val["class_mean"] == pytest.approx(scores[str(chosen)], abs=1e-9)
     assert report["stage2"]["num_samples"] == 16  # reported on the test split
+    assert [len(labels) for _, labels in read] == [12]
+    assert report["stage1_val"]["num_samples"] == 12  # the source run had none: evaluated here
     assert json.loads((out / "config.json").read_text())["val_split"] == "val"
+    assert cli(["-q", "eval", "--run", str(out), "--split", "val"]) == 2
+    assert "flatters them" in capsys.readouterr().err
+    assert cli(["-q", "eval", "--run", str(out), "--split", "test"]) == 0
 
 
 @pytest.mark.slow

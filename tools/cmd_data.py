@@ -46,8 +46,9 @@ sources and the options they need:
                            --val-per-class N adds a balanced split 'val' drawn from the training
                            images the long-tailed split leaves out (default 0: none; a class with
                            too few gives up the rest from training, recorded in meta.json as
-                           val_taken_from_train), to make choices on (`--set eval_split=val`)
-                           without touching the test split
+                           val_taken_from_train), to make choices on without touching the test
+                           split: stage 2's tuned values (`--set val_split=val`), whole recipes
+                           (`--set eval_split=val`)
   imagenet-lt              --root PATH: the ImageNet folder (train/<wnid>/, val/<wnid>/);
                            --lists PATH: the folder with ImageNet_LT_{train,val,test}.txt
   inat2018                 --root PATH: the iNaturalist 2018 folder (train_val2018/, *2018.json);

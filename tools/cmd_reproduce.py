@@ -69,6 +69,8 @@ def cmd_reproduce(args) -> int:
     data = out / "data"
     epochs = args.epochs or (None if args.full else REDUCED_EPOCHS)
     seeds = parse_seeds(args.seeds)
+    if args.val_per_class < 0:
+        raise DataError(f"--val-per-class {args.val_per_class}: must be 0 (no validation split) or more.")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or set(methods) - set(METHODS):
         raise DataError(f"--methods {args.methods}: choose from {','.join(METHODS)}")

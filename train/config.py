@@ -349,10 +349,11 @@ def _stage2_problems(cfg: Config) -> list[str]:
     if cfg.val_split and cfg.val_fraction > 0:
         problems.append(f"val_split={cfg.val_split} and val_fraction={cfg.val_fraction}: two validation "
                         f"splits; keep one (val_fraction=0 keeps every training image)")
-    if cfg.val_split in (cfg.train_split, cfg.eval_split):
-        role = "trained on" if cfg.val_split == cfg.train_split else "reported on (eval_split)"
-        problems.append(f"val_split={cfg.val_split}: the split {role}; choices must be made on another "
-                        f"split, e.g. the val split of `iccl convert --val-per-class N`")
+    if cfg.val_split and cfg.val_split in (cfg.train_split, cfg.eval_split, "test"):
+        role = ("trained on" if cfg.val_split == cfg.train_split else
+                "reported on (eval_split)" if cfg.val_split == cfg.eval_split else "named test")
+        problems.append(f"val_split={cfg.val_split}: the split {role}; choices are never made on it: "
+                        f"name another split, e.g. the val split of `iccl convert --val-per-class N`")
     if cfg.stage2 in STAGE2_TUNED and cfg.val_fraction == 0 and not cfg.val_split:
         setting, name = STAGE2_TUNED[cfg.stage2]
         if len(getattr(cfg, setting)) > 1:

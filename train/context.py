@@ -160,7 +160,7 @@ def build_context(cfg: Config, run_dir: Path, with_eval: bool = True, training: 
         fit_idx, val_idx = carve_validation(train.labels, cfg.val_fraction, train.num_classes)
         train, val = (subset(train, fit_idx, f"{cfg.train_split}-fit"),
                       subset(train, val_idx, f"{cfg.train_split}-val"))
-    if cfg.val_split:
+    if cfg.val_split and training:  # evaluation alone never reads it
         val = ShardedSplit(cfg.data, _named_split(cfg, "val_split", train.meta["splits"]))
     eval_split = None
     if with_eval:

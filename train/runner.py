@@ -167,8 +167,8 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
     report = read_report(report_path)
     if source and "stage1" not in report and source.get("stage1_eval"):
         report["stage1"] = source["stage1_eval"]
-        if source.get("stage1_val"):
-            report["stage1_val"] = source["stage1_val"]
+        if source.get("stage1_val") and source.get("val_split", "") == cfg.val_split:
+            report["stage1_val"] = source["stage1_val"]  # the same validation split
     t0 = time.monotonic()
 
     def saver(stage_no, stage):
@@ -217,6 +217,12 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
         barrier()
         state = {"stage": 2, "epoch": 0, "step": 0, "net": net.state_dict()}
     if state["stage"] == 2:
+        if ctx.val is not None and "stage1_val" not in report and not (state["epoch"] or state["step"]):
+            # a stage 2 from another run, on another validation split than that run's
+            net.load_state_dict(state["net"])  # the stage-1 model: this run has not trained yet
+            report["stage1_val"] = run_eval(ctx, net, "val")
+            if ctx.dist.is_main:
+                write_json(report_path, report)
         choice = run_stage2(ctx, net, state,
                             stage1_path(run_dir) if not stage1_source else Path(source["stage1"]),
                             lambda stage: saver(2, stage), lambda stage: evaluator(stage, cfg.eval_every))
@@ -269,6 +275,10 @@ def evaluate_run(run_dir: Path, stage: int = 2, data: str | None = None, loader:
     cfg = Config.from_dict(saved["config"])
     cfg.data = data or cfg.data
     cfg.loader = loader or cfg.loader
+    if split and split == cfg.val_split:
+        raise DataError(f"--split {split}: the split the stage-2 choices of {run_dir} were made on, so its "
+                        f"accuracy there flatters them; it is in {run_dir}/report.json (stage1_val, "
+                        f"stage2_val). Evaluate on another split (e.g. --split test).")
     cfg.eval_split = split or cfg.eval_split
     ctx = build_context(cfg, run_dir, training=False)
     try:

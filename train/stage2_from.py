@@ -44,11 +44,16 @@ def stage2_run_config(source_run: Path, overrides: dict[str, str],
                         f"fixed. Change only {', '.join(STAGE2_SIDE)} here, or train a new run.")
     saved = checkpoint.load(path)
     values = Config.from_dict(saved["config"]).to_dict()  # also reads configs of older versions
+    if overrides.get("val_split") and values["val_fraction"] > 0:
+        raise DataError(f"--set val_split={overrides['val_split']}: {source_run} was trained with a carve "
+                        f"(val_fraction={values['val_fraction']}), which stays its validation split; drop "
+                        f"--set val_split.")
     cfg = resolve(None, None, overrides, base=values, **(explicit or {}))
     report = source_run / "report.json"
     source_report = json.loads(report.read_text()) if report.is_file() else {}
     record = {"run": str(source_run), "stage1": str(path.resolve()), "stage1_sha256": _sha256(path),
-              "stage1_eval": source_report.get("stage1"), "stage1_val": source_report.get("stage1_val")}
+              "stage1_eval": source_report.get("stage1"), "stage1_val": source_report.get("stage1_val"),
+              "val_split": values["val_split"]}
     return cfg, record
 
 
