@@ -45,8 +45,8 @@ def register(sub) -> None:
     p.add_argument("--loader", default="auto", choices=LOADER_CHOICES)
     p.add_argument("--val-per-class", type=int, default=0, metavar="N",
                    help="also convert a balanced validation split of N images per class, drawn from the "
-                        "training images the long-tailed subset leaves out (the head class gives up N of "
-                        "its own), and report each stage on it; `iccl stage2 --from RUN` then tunes "
+                        "training images the long-tailed subset leaves out (a class with fewer left out "
+                        "gives up its own: at R = 100 on CIFAR-10, the head class), and report each stage on it; `iccl stage2 --from RUN` then tunes "
                         "τ-norm, logit adjustment and MiSLAS on it. The tables stay on the test split.")
     p.set_defaults(handler=cmd_reproduce)
 
