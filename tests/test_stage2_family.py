@@ -93,7 +93,7 @@ def test_rerun_resumes_and_changing_stage1_or_tuning_without_validation_is_refus
     assert _stage2(runs, out, "stage2=lws") == 0  # done: resumes to the same result
     assert torch.equal(first, checkpoint.load(out / "final.pt")["net"]["classifier.weight"])
     assert _stage2(runs, tmp_path / "x", "stage2=crt", "tau=0.5") == 2
-    assert "stage-1 settings" in capsys.readouterr().err
+    assert "fixed by the stage 1" in capsys.readouterr().err
     assert _stage2(runs, tmp_path / "v", "stage2=crt", "val_split=val") == 2  # the carve stays
     assert "drop --set val_split" in capsys.readouterr().err
     assert _stage2(runs, tmp_path / "y", "stage2=nope") == 2

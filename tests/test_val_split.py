@@ -68,7 +68,7 @@ def test_stage2_from_a_run_tunes_on_the_converted_split(run, tmp_path, monkeypat
     assert report["stage1_val"]["num_samples"] == 12  # the source run had none: evaluated here
     assert json.loads((out / "config.json").read_text())["val_split"] == "val"
     assert cli(["-q", "eval", "--run", str(out), "--split", "val"]) == 2
-    assert "flatters them" in capsys.readouterr().err
+    assert "flatters the choice" in capsys.readouterr().err
     assert cli(["-q", "eval", "--run", str(out), "--split", "test"]) == 0
 
 

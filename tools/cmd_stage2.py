@@ -72,13 +72,14 @@ def cmd_stage2(args) -> int:
         report = train(cfg, args.out, stage1_source=source)
         if _is_main():
             rows = {"stage 1 (" + str(args.source) + ")": report["stage1"]} if report.get("stage1") else {}
-            rows["stage 2 " + cfg.stage2] = report["stage2"]
-            chosen = report.get("stage2_choice", {}).get("chosen")
-            title = f"{cfg.stage2} from {args.source}" + (f" ({chosen})" if chosen else "") + ": top-1 %"
-            print_table(results_table(rows, title))
+            rows["stage 2 " + cfg.stage2 + chosen_values(cfg, [report])] = report["stage2"]
+            print_table(results_table(rows, f"{cfg.stage2} from {args.source}: top-1 %"))
         return 0
     if "stage2" in overrides:
         raise DataError("--choices and --set stage2=... both choose the stage 2; give one of them")
+    if (args.out / "config.json").is_file():
+        raise DataError(f"--out {args.out}: holds a run; --choices writes one run per choice in "
+                        f"OUT/CHOICE, so choose a new folder (or the --out of an earlier --choices).")
     choices = STAGE2_CHOICES if args.choices == "all" else tuple(c.strip() for c in args.choices.split(","))
     bad = [c for c in choices if c not in STAGE2_CHOICES]
     if bad:
@@ -90,9 +91,25 @@ def cmd_stage2(args) -> int:
              for c in choices for src in sources]
     rows = {"stage 1": [source["stage1_eval"] for _, _, _, source in plans[:len(sources)]
                         if source["stage1_eval"]]}
+    reports = {}
     for choice, src, cfg, source in plans:
         out = args.out / choice / (src.name if len(sources) > 1 else "")
-        rows.setdefault(choice, []).append(train(cfg, out, stage1_source=source)["stage2"])
+        reports.setdefault(choice, (cfg, []))[1].append(train(cfg, out, stage1_source=source))
+    for choice, (cfg, runs) in reports.items():
+        rows[choice + chosen_values(cfg, runs)] = [r["stage2"] for r in runs]
     if _is_main():
         print_table(mean_std_table(rows, f"stage-2 choices from {args.source}: top-1 %"))
     return 0
+
+
+def chosen_values(cfg, reports: list[dict]) -> str:
+    """' (tau = 1.0, 1.25, 1.0 chosen on val)': a tuned choice's value in each run, and where it was
+    chosen; '' for a choice that tunes nothing."""
+    from train.runner import tuned_on_val
+    values = [r.get("stage2_choice", {}).get("chosen") or {} for r in reports]
+    if not any(values):
+        return ""
+    name = next(iter(values[0]))
+    where = ("given" if not tuned_on_val(cfg) else f"chosen on {cfg.val_split}" if cfg.val_split
+             else f"chosen on the carve val_fraction={cfg.val_fraction}")
+    return f" ({name} = {', '.join(str(v.get(name)) for v in values)} {where})"

@@ -229,6 +229,17 @@ def _parse_value(key: str, text: str):
                         f"{' (' + allowed(key) + ')' if allowed(key) else ''}") from None
 
 
+def check_known(overrides: dict[str, str]) -> None:
+    """Raise DataError naming the first `--set` key that is no setting, with the nearest one."""
+    known = {f.name for f in fields(Config)}
+    for key in overrides:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise DataError(f"--set {key}=...: no such setting; {hint}Settings: {', '.join(sorted(known))} "
+                            f"(`iccl train --list-settings` shows them with their values)")
+
+
 def resolve(preset: str | None = None, method: str | None = None,
             overrides: dict[str, str] | None = None, *, base: dict | None = None, **explicit) -> Config:
     """The config of a run: the preset's recipe (or `base`, a saved run's settings), then the
@@ -236,15 +247,8 @@ def resolve(preset: str | None = None, method: str | None = None,
     `overrides` (`--set` strings). A setting given both as a flag and with --set must agree, else
     DataError. Changing `epochs` (either way) scales `warmup_epochs` (T_w), `lr_warmup_epochs` and
     `lr_steps` with it (rounded) unless they are given too. Everything is validated (`validate`) before it is returned."""
-    known = {f.name for f in fields(Config)}
-    said = {}
-    for key, text in (overrides or {}).items():
-        if key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {near[0]}? " if near else ""
-            raise DataError(f"--set {key}=...: no such setting; {hint}Settings: {', '.join(sorted(known))} "
-                            f"(`iccl train --list-settings` shows them with their values)")
-        said[key] = _parse_value(key, text)
+    check_known(overrides or {})
+    said = {key: _parse_value(key, text) for key, text in (overrides or {}).items()}
     flags = {k: v for k, v in dict(explicit, preset=preset, method=method).items() if v is not None}
     for key in set(flags) & set(said):
         if flags[key] != said[key]:

@@ -133,6 +133,18 @@ def _check_batch(cfg: Config, train: ShardedSplit, world_size: int) -> None:
                         f"change the batch size or the process count.")
 
 
+def _check_crop(cfg: Config, train: ShardedSplit) -> None:
+    """pad_crop needs images at least image_size - 2·pad px a side (checked on the first image: the
+    datasets it is for, CIFAR-style, have one size)."""
+    if cfg.augment != "pad_crop" or not len(train):
+        return
+    h, w = train.decode(0).shape[:2]
+    if min(h, w) + 2 * cfg.pad < cfg.image_size:
+        raise DataError(f"--set image_size={cfg.image_size}: a {cfg.image_size}-px crop does not fit the "
+                        f"{h}x{w} images of {cfg.data} padded by {cfg.pad} px; set image_size to at most "
+                        f"{min(h, w) + 2 * cfg.pad} (e.g. --set image_size={min(h, w)}).")
+
+
 def _named_split(cfg: Config, setting: str, splits) -> str:
     name = getattr(cfg, setting)
     if name not in splits:
@@ -154,7 +166,13 @@ def build_context(cfg: Config, run_dir: Path, with_eval: bool = True, training: 
         torch.set_num_threads(max(1, usable_cpus() // dist.world_size))
     if not cfg.data:
         raise DataError("no dataset: pass --data DIR (a folder written by `iccl convert`)")
+    if not Path(cfg.data).is_dir():
+        raise DataError(f"{cfg.data}: no such folder. If a run's dataset has moved since it was made, "
+                        f"pass --data NEW/PATH to the same command; otherwise pass the output folder of "
+                        f"`iccl convert`.")
     train = ShardedSplit(cfg.data, cfg.train_split)
+    if training:
+        _check_crop(cfg, train)
     val = None
     if cfg.val_fraction > 0:  # both stages train without the validation images
         fit_idx, val_idx = carve_validation(train.labels, cfg.val_fraction, train.num_classes)

@@ -118,3 +118,17 @@ def _interrupted(ctx, stage, epoch: int, step: int):
     ctx.say(f"{stop_requested()}: saved {ctx.run_dir / 'checkpoint.pt'} at {where}; "
             f"`iccl train --out {resume_target(ctx.run_dir)}` resumes from there.")
     raise TrainingInterrupted(f"stopped by {stop_requested()} at {where}")
+
+
+def stoppable(ctx, batches, what: str):
+    """`batches`, ending at a stop signal (train.checkpoint.stop_signals) between two of them: for
+    the passes that keep no checkpoint (evaluations; the feature passes of ncm, tau_norm,
+    logit_adjust), which a rerun simply does again. Each process checks alone, not agreed as the
+    training loop's stops are: these passes may differ by a batch between processes, and under
+    torchrun one process that stops ends the job."""
+    for batch in batches:
+        if stop_requested():
+            ctx.say(f"{stop_requested()}: stopped during {what}, which keeps no checkpoint; rerunning "
+                    f"the same command does it again.")
+            raise TrainingInterrupted(f"stopped by {stop_requested()} during {what}")
+        yield batch

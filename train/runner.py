@@ -27,13 +27,13 @@ from pipeline.atomic import write_json
 from pipeline.errors import DataError
 from train import checkpoint
 from train.bn_stats import recompute_bn_stats
-from train.config import Config, load_config_json
+from train.config import STAGE2_TUNED, Config, load_config_json
 from train.context import Context, build_context
 from train.distributed import barrier
 from train.evaluate import evaluate
 from train.inference import (STAGE1_SOURCE, classify, place, read_stage1_source, saved_model_path,
                              stage1_path)
-from train.loop import run_epochs
+from train.loop import run_epochs, stoppable
 from train.plots import draw_run
 from train.stage1 import Stage1
 from train.stage2_methods import run_stage2
@@ -44,9 +44,22 @@ RESUMABLE_CHANGES = {"data", "loader", "workers", "device", "compile", "eval_eve
                      "checkpoint_minutes", "log_every", "tensorboard"}
 
 
+def tuned_on_val(cfg: Config) -> bool:
+    """Whether the run's stage 2 chose a value on its validation split (a grid of more than one)."""
+    return cfg.stage2 in STAGE2_TUNED and len(getattr(cfg, STAGE2_TUNED[cfg.stage2][0])) > 1
+
+
 def check_resume_config(run_dir: Path, cfg: Config) -> None:
+    """Refuse an --out that holds something else: files of no run, or a run with other settings
+    that has trained (a checkpoint). A run that stopped before its first checkpoint trained
+    nothing, so a corrected command may start it again with other settings."""
     path = run_dir / "config.json"
-    if not path.is_file():
+    if run_dir.is_dir() and not path.is_file():
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in ("metrics.jsonl", "tensorboard"))
+        if foreign:
+            raise DataError(f"--out {run_dir}: holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}"
+                            f", not a run; choose a new or empty folder.")
+    if not path.is_file() or not (run_dir / "checkpoint.pt").is_file():
         return
     old = load_config_json(path)
     diff = {k: (v, getattr(cfg, k)) for k, v in old.to_dict().items()
@@ -101,7 +114,8 @@ def run_eval(ctx: Context, net: ICCLNet, split: str = "eval") -> dict:
     (%), the number to compare choices by, as the balanced test split would."""
     was_training = net.training
     net.eval()
-    batches = ctx.eval_batches() if split == "eval" else ctx.plain_batches("val")
+    batches = stoppable(ctx, ctx.eval_batches() if split == "eval" else ctx.plain_batches("val"),
+                        "the evaluation")
     result = evaluate(predictor(ctx, net), batches, ctx.num_classes, ctx.groups, ctx.device)
     net.train(was_training)
     if split == "val":
@@ -275,10 +289,11 @@ def evaluate_run(run_dir: Path, stage: int = 2, data: str | None = None, loader:
     cfg = Config.from_dict(saved["config"])
     cfg.data = data or cfg.data
     cfg.loader = loader or cfg.loader
-    if split and split == cfg.val_split:
-        raise DataError(f"--split {split}: the split the stage-2 choices of {run_dir} were made on, so its "
-                        f"accuracy there flatters them; it is in {run_dir}/report.json (stage1_val, "
-                        f"stage2_val). Evaluate on another split (e.g. --split test).")
+    if split and split == cfg.val_split and stage == 2 and tuned_on_val(cfg):
+        setting, name = STAGE2_TUNED[cfg.stage2]
+        raise DataError(f"--split {split}: the stage 2 of {run_dir} chose its {name} ({setting}) on this "
+                        f"split, so its accuracy there flatters the choice; it is in {run_dir}/report.json "
+                        f"(stage2_val). Evaluate on another split (e.g. --split test).")
     cfg.eval_split = split or cfg.eval_split
     ctx = build_context(cfg, run_dir, training=False)
     try:

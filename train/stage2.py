@@ -76,6 +76,7 @@ class Stage2:
         self.images_per_step = cfg.batch_size // ctx.dist.world_size
         self.skipped_images = 0  # corrupt training images met (train.loop counts them)
         self.epoch_loss = None  # (loss sum, steps) of the epoch so far at a mid-epoch save (train.loop)
+        self.search = None  # the search so far, when this is one candidate of a search (checkpointed)
 
     def loader(self, epoch: int):
         return self.ctx.train_loader(uniform=False, class_aware_gamma=self.cfg.s2_gamma,
@@ -117,6 +118,8 @@ class Stage2:
 
     def state_dict(self) -> dict:
         state = {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.search is not None:  # a candidate of a search (train.stage2_methods)
+            state["search"] = self.search
         if self.scales is not None:
             state["scales"] = self.scales.scales.detach().clone()
         return state

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.errors import DataError
 from train import checkpoint
-from train.config import SEEDS_FILE, STAGE2_FIELDS, Config, resolve
+from train.config import SEEDS_FILE, STAGE2_FIELDS, Config, check_known, resolve
 from train.inference import stage1_path
 from train.runner import RESUMABLE_CHANGES
 
@@ -34,14 +34,18 @@ def stage2_run_config(source_run: Path, overrides: dict[str, str],
     if (source_run / SEEDS_FILE).is_file():
         raise DataError(f"--from {source_run}: a --seeds folder; pass --choices CHOICE for one stage 2 per "
                         f"seed, or --from {source_run}/seed-S for one of its runs.")
+    if not (source_run / "config.json").is_file():
+        raise DataError(f"--from {source_run}: not a run directory (no config.json); pass the --out of an "
+                        f"`iccl train` run.")
     path = stage1_path(source_run)
     if not path.is_file():
-        raise DataError(f"{path}: missing; the stage 1 of {source_run} has not finished (resume it with "
-                        f"`iccl train --out {source_run}`), or --from is not a run directory.")
+        raise DataError(f"{path}: missing; the stage 1 of {source_run} has not finished. Resume it with "
+                        f"`iccl train --out {source_run}`, then run this again.")
+    check_known(overrides)
     stage1_only = sorted(k for k in overrides if k not in STAGE2_SIDE and k not in RESUMABLE_CHANGES)
     if stage1_only:
-        raise DataError(f"--set {', '.join(stage1_only)}: stage-1 settings; the stage 1 of {source_run} is "
-                        f"fixed. Change only {', '.join(STAGE2_SIDE)} here, or train a new run.")
+        raise DataError(f"--set {', '.join(stage1_only)}: fixed by the stage 1 of {source_run}, which this "
+                        f"run reuses. Change only {', '.join(STAGE2_SIDE)} here, or train a new run.")
     saved = checkpoint.load(path)
     values = Config.from_dict(saved["config"]).to_dict()  # also reads configs of older versions
     if overrides.get("val_split") and values["val_fraction"] > 0:

@@ -19,7 +19,7 @@ from pipeline.errors import DataError
 from train import checkpoint
 from train.config import STAGE2_TUNED
 from train.distributed import all_reduce_sum
-from train.loop import run_epochs
+from train.loop import run_epochs, stoppable
 from train.stage2 import Stage2
 
 TUNED = STAGE2_TUNED
@@ -54,24 +54,39 @@ def run_stage2(ctx, net, state: dict, stage1_path, make_saver: Callable, make_ev
         stage.finish()
         info["corrupt_training_images"] = stage.skipped_images
         return {**info, "chosen": {TUNED[cfg.stage2][1]: grid[0]}} if cfg.stage2 in TUNED else info
-    # A search trains every candidate from the same stage-1 weights. Its candidates are not
-    # checkpointed mid-way: an interrupted search starts again (each is one short stage 2).
-    start = copy.deepcopy(net.state_dict())
-    scores, best = {}, None
-    info["corrupt_training_images"] = 0
+    # A search trains every candidate from the stage-1 weights, one after the other. Its checkpoints
+    # hold the candidate in training and the search so far (`Stage2.search`), so an interrupted
+    # search resumes inside the candidate it stopped in.
+    start = checkpoint.load(stage1_path)["net"]
+    search = state.get("search") or {"scores": [], "best_value": None, "best_net": None, "skipped": 0}
+    scores = {value: score for value, score in search["scores"]}
     for value in grid:
-        net.load_state_dict(start)
+        if value in scores:
+            continue
+        resuming = search.get("current") == value and "optimizer" in state
+        net.load_state_dict(state["net"] if resuming else start)
         stage = Stage2(ctx, net, teacher, eps_head=value)
-        run_epochs(ctx, stage, 0, 0, lambda epoch, step: None, lambda epoch: None)
-        info["corrupt_training_images"] += stage.skipped_images
+        stage.search = {**search, "current": value}
+        if resuming:
+            stage.load_state_dict(state)
+            stage.skipped_images = state.get("skipped_images", 0)
+            stage.epoch_loss = state.get("epoch_loss")
+        run_epochs(ctx, stage, state["epoch"] if resuming else 0, state["step"] if resuming else 0,
+                   make_saver(stage), lambda epoch: None)
         stage.finish()
         scores[value] = val_top1(ctx, _val_features(ctx, net), *_weights(net))
-        ctx.say(f"stage 2 {cfg.stage2}: {TUNED[cfg.stage2][1]} = {value}: "
-                f"validation top-1 {scores[value]:.2f}")
-        if best is None or scores[value] > scores[best[0]]:
-            best = (value, copy.deepcopy(net.state_dict()))
-    net.load_state_dict(best[1])
-    return {**info, "chosen": {TUNED[cfg.stage2][1]: best[0]}, "val_top1_by_value": scores}
+        _say_score(ctx, value, scores[value])
+        search = {**search, "scores": list(scores.items()), "current": None,
+                  "skipped": search["skipped"] + stage.skipped_images}
+        if search["best_value"] is None or scores[value] > scores[search["best_value"]]:
+            search.update(best_value=value, best_net=copy.deepcopy(net.state_dict()))
+    net.load_state_dict(search["best_net"])
+    return {**info, "corrupt_training_images": search["skipped"],
+            "chosen": {TUNED[cfg.stage2][1]: search["best_value"]}, "val_top1_by_value": scores}
+
+
+def _say_score(ctx, value, score: float) -> None:
+    ctx.say(f"stage 2 {ctx.cfg.stage2}: {TUNED[ctx.cfg.stage2][1]} = {value}: validation top-1 {score:.2f}")
 
 
 def _post_hoc(ctx, net, grid) -> dict:
@@ -88,6 +103,8 @@ def _post_hoc(ctx, net, grid) -> dict:
         return {"chosen": {name: grid[0]}}
     val = _val_features(ctx, net)  # one encoder pass, shared by every candidate
     scores = {v: val_top1(ctx, val, *wb) for v, wb in candidates.items()}
+    for value, score in scores.items():
+        _say_score(ctx, value, score)
     chosen = max(grid, key=lambda v: scores[v])  # ties: the first in the grid
     _set_classifier(net, *candidates[chosen])
     return {"chosen": {name: chosen}, "val_top1_by_value": scores}
@@ -108,7 +125,7 @@ def _features(ctx, net, which: str):
     """(features float32 (n, d), labels int64 (n,)) of this process's share of `which`, un-augmented."""
     net.eval()
     feats, labels = [], []
-    for x, y, *_ in ctx.plain_batches(which):
+    for x, y, *_ in stoppable(ctx, ctx.plain_batches(which), f"the features of the {which} split"):
         with ctx.autocast():
             feats.append(net.encoder(ctx.normalize(x)).float())
         labels.append(y.to(ctx.device))

@@ -1,0 +1,128 @@
+"""What a user can get wrong around `iccl stage2` and its runs, and stops in the middle of it: each
+fault ends in one line naming the setting or folder and the fix (exit 2) and writes nothing; a stop
+during work that keeps no checkpoint exits 130 and the rerun does it again; a stopped search resumes
+inside the candidate it stopped in and ends with the uninterrupted search's weights."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import make_converted, make_tiny_lt, random_images, tiny_config
+from pipeline.atomic import write_json
+from pipeline.errors import DataError
+from tools.cli import main as cli
+from train import checkpoint
+from train.runner import check_resume_config, train
+
+SPEED = ["--loader", "resident", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """An ICCL run on data with train (24 / 12 / 8 / 4), val (3 per class) and test."""
+    root = tmp_path_factory.mktemp("faults")
+    train(tiny_config(make_tiny_lt(root / "data", val_per_class=3), amp="fp32"), root / "iccl")
+    return root
+
+
+def _stage2(source, out, *sets, extra=()):
+    args = ["-q", "stage2", "--from", str(source), "--out", str(out), *SPEED, *extra]
+    for s in sets:
+        args += ["--set", s]
+    return cli(args)
+
+
+def test_faults_end_in_one_line_and_write_nothing(run, tmp_path, capsys):
+    source = run / "iccl"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x.txt").write_text("mine")
+    (tmp_path / "family" / "crt").mkdir(parents=True)  # the --out of an earlier --choices
+    (tmp_path / "arun").mkdir()
+    write_json(tmp_path / "arun" / "config.json", {})
+    cases = [
+        (("stage2=tau_norm", "valsplit=val"), source, tmp_path / "a", (), "did you mean val_split"),
+        (("stage2=crt",), run / "data", tmp_path / "b", (), "not a run directory"),
+        (("stage2=crt",), source, tmp_path / "notes", (), "x.txt, not a run"),
+        (("stage2=crt",), source, tmp_path / "family", (), "crt, not a run"),
+        ((), source, tmp_path / "arun", ("--choices", "crt"), "holds a run; --choices"),
+        (("stage2=crt",), source, tmp_path / "c", ("--data", str(tmp_path / "moved")),
+         "pass --data NEW/PATH"),
+    ]
+    for sets, src, out, extra, message in cases:
+        assert _stage2(src, out, *sets, extra=extra) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arun", "family", "notes"]
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["x.txt"]
+    assert [p.name for p in (tmp_path / "family").iterdir()] == ["crt"]
+    assert cli(["-q", "eval", "--run", str(source), "--data", str(tmp_path / "moved")]) == 2
+    assert "pass --data NEW/PATH" in capsys.readouterr().err
+
+
+def test_a_crop_larger_than_the_images_is_refused_and_the_corrected_run_starts(tmp_path):
+    data = make_converted(tmp_path / "small", {"train": (random_images(16, 16), torch.arange(16).numpy() % 4),
+                                               "test": (random_images(8, 16, seed=1), torch.arange(8).numpy() % 4)}, 4)
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=r"image_size=32: a 32-px crop does not fit the 16x16 images"):
+        train(tiny_config(data, epochs=1, warmup_epochs=0, batch_size=8), out)
+    assert not out.exists()
+    report = train(tiny_config(data, epochs=1, warmup_epochs=0, batch_size=8, s2_epochs=0,
+                               overrides={"image_size": "16"}), out)
+    assert report["stage1"]["num_samples"] == 8
+
+
+def test_settings_may_change_until_the_first_checkpoint(run, tmp_path):
+    cfg = tiny_config(run / "data")
+    out = tmp_path / "run"
+    out.mkdir()
+    write_json(out / "config.json", {**cfg.to_dict(), "lr": cfg.lr * 2})
+    check_resume_config(out, cfg)  # nothing trained: the corrected command may start it
+    (out / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(DataError, match="holds a run with other settings"):
+        check_resume_config(out, cfg)
+
+
+def test_eval_on_the_val_split_is_refused_only_where_a_value_was_chosen_on_it(run, tmp_path, capsys):
+    assert _stage2(run / "iccl", tmp_path / "crt", "stage2=crt", "val_split=val") == 0
+    assert cli(["-q", "eval", "--run", str(tmp_path / "crt"), "--split", "val"]) == 0
+    assert _stage2(run / "iccl", tmp_path / "la", "stage2=logit_adjust", "val_split=val") == 0
+    assert cli(["-q", "eval", "--run", str(tmp_path / "la"), "--split", "val"]) == 2
+    assert "chose its tau (s2_logit_adjust_grid) on this split" in capsys.readouterr().err
+    assert cli(["-q", "eval", "--run", str(tmp_path / "la"), "--split", "val", "--stage", "1"]) == 0
+
+
+def test_a_stop_during_a_choice_without_training_exits_130_and_the_rerun_finishes(run, tmp_path, monkeypatch):
+    out = tmp_path / "tau"
+    monkeypatch.setattr("train.loop.stop_requested", lambda: "SIGINT")
+    assert _stage2(run / "iccl", out, "stage2=tau_norm", "val_split=val") == 130
+    assert not (out / "final.pt").exists()
+    monkeypatch.undo()
+    assert _stage2(run / "iccl", out, "stage2=tau_norm", "val_split=val") == 0
+    assert "tau_norm_p" in json.loads((out / "report.json").read_text())["stage2_choice"]["chosen"]
+
+
+@pytest.mark.slow
+def test_a_stopped_search_resumes_inside_its_candidate_and_ends_as_if_never_stopped(run, tmp_path, monkeypatch):
+    sets = ("stage2=mislas", "val_split=val", "s2_epochs=2", "s2_mislas_eps_head=0.1,0.3")
+    assert _stage2(run / "iccl", tmp_path / "whole", *sets) == 0
+    out = tmp_path / "stopped"
+
+    def stop_in_the_second_candidate():  # checkpoints are written every step (checkpoint_minutes=0)
+        ckpt = out / "checkpoint.pt"
+        return "SIGINT" if ckpt.is_file() and checkpoint.load(ckpt).get("search", {}).get("scores") else None
+
+    monkeypatch.setattr("train.loop.stop_requested", stop_in_the_second_candidate)
+    assert _stage2(run / "iccl", out, *sets) == 130
+    saved = checkpoint.load(out / "checkpoint.pt")
+    assert saved["search"]["current"] == 0.3 and [v for v, _ in saved["search"]["scores"]] == [0.1]
+    assert (saved["epoch"], saved["step"]) != (0, 0)
+    monkeypatch.undo()
+    assert _stage2(run / "iccl", out, *sets) == 0
+    whole, stopped = (checkpoint.load(d / "final.pt")["net"] for d in (tmp_path / "whole", out))
+    assert all(torch.equal(whole[k], stopped[k]) for k in whole)
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("event") == "epoch" for r in epochs) == 4  # 2 candidates x 2 epochs, none again
+    reports = [json.loads((d / "report.json").read_text()) for d in (tmp_path / "whole", out)]
+    assert reports[0]["stage2_choice"] == reports[1]["stage2_choice"]
