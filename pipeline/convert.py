@@ -111,7 +111,7 @@ def _check_options(shard_size, workers, max_side, quality, on_error) -> None:
 def _check_source(source: Source, on_error: str) -> None:
     if "train" not in source.splits:
         raise DataError(f"{source.name}: the source has no train split "
-                        f"(it has {sorted(source.splits)}). Check the source path.")
+                        f"(it has {', '.join(sorted(source.splits))}). Check the source path.")
     for name, split in source.splits.items():
         if not _SPLIT_NAME.fullmatch(name):
             raise DataError(f"{source.name}: split name {name!r} is not a plain folder name.")
@@ -180,7 +180,9 @@ def _claim(out: Path, source: Source, fingerprint: dict) -> None:
             _remove_output(out, set(previous.get("splits", {})) | set(source.splits))
             write_json(request, fingerprint)
             return
-        differences = _differences(previous, fingerprint)
+        # The options a user sets (an imbalance, --val-per-class) first, with both values; then
+        # what follows from them (counts, label hashes), by name.
+        differences = sorted(_differences(previous, fingerprint), key=lambda d: " before, " not in d)
         shown = ", ".join(differences[:5]) + (", ..." if len(differences) > 5 else "")
         raise DataError(f"{out} holds a different conversion (differs in: {shown}); "
                         f"choose another --out or delete it.")
@@ -206,7 +208,11 @@ def _differences(a, b, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in sorted(set(a) | set(b), key=str)
                 for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
+    if a == b:
+        return []
+    key = prefix.rstrip(".")
+    short = all(isinstance(v, (int, float, str, type(None))) and len(str(v)) <= 24 for v in (a, b))
+    return [f"{key}: {a} before, {b} now" if short else key]
 
 
 def _complete_meta(out: Path, source: Source) -> dict | None:

@@ -30,7 +30,7 @@ class ShardedSplit:
         self.meta = read_meta(self.root)
         if split not in self.meta["splits"]:
             raise DataError(
-                f"{self.root}: no split {split!r}; it has {sorted(self.meta['splits'])}."
+                f"{self.root}: no split {split!r}; it has {', '.join(sorted(self.meta['splits']))}."
             )
         self.info = self.meta["splits"][split]
         self.dir = self.root / split

@@ -289,9 +289,10 @@ def test_a_complete_conversion_is_not_redone(tmp_path, count_encodes, capsys):
 
 def test_a_different_request_into_the_same_folder_is_refused(tmp_path):
     convert(array_source(), tmp_path / "out", workers=1)
-    with pytest.raises(DataError, match=r"holds a different conversion \(differs in: options.quality\)"):
+    with pytest.raises(DataError,
+                       match=r"holds a different conversion \(differs in: options.quality: 90 before, 80 now\)"):
         convert(array_source(), tmp_path / "out", workers=1, quality=80)
-    with pytest.raises(DataError, match="splits.train.num_samples"):
+    with pytest.raises(DataError, match="splits.train.num_samples: 40 before, 44 now"):
         convert(array_source(n=44), tmp_path / "out", workers=1)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")

@@ -237,7 +237,7 @@ def test_generated_lt_selection(tmp_path):
 
 
 @pytest.mark.slow  # converts 12,406 + 10,000 + 200 images and reads them back: ~20 s of CPU
-def test_convert_val_per_class_on_the_real_cifar10(cifar10_bin, tmp_path):
+def test_convert_val_per_class_on_the_real_cifar10(cifar10_bin, tmp_path, capsys):
     """`iccl convert cifar10-lt --val-per-class 20` at R = 100: 200 validation images; the head class
     (all 5,000 kept) gives up 20, every other class keeps the literature's count."""
     import json
@@ -250,6 +250,9 @@ def test_convert_val_per_class_on_the_real_cifar10(cifar10_bin, tmp_path):
     assert meta["splits"]["val"]["class_counts"] == [20] * 10
     assert meta["splits"]["train"]["class_counts"] == [4980, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
     assert meta["source"]["val_taken_from_train"] == [20] + [0] * 9
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "taken from the train split where too few were left: airplane 20" in capsys.readouterr().out
 
 
 def test_validation_split_comes_from_the_left_out_training_images(tmp_path):

@@ -242,6 +242,7 @@ def _register_info(subparsers) -> None:
 
 
 def _info(args) -> int:
+    from pipeline.format import read_meta
     from pipeline.inspect import dataset_info
 
     info = dataset_info(args.root)
@@ -255,6 +256,12 @@ def _info(args) -> int:
         for split, s in info["splits"].items()],
         ("split", "samples", "classes", "imbalance", "many/medium/few by train count", "size",
          "formats"))
+    source = read_meta(args.root).get("source") or {}
+    taken = source.get("val_taken_from_train") or []
+    if any(taken):  # CIFAR-LT with --val-per-class: the few classes that gave up their own images
+        shown = ", ".join(f"{info['classes'][k]} {n}" for k, n in enumerate(taken) if n)
+        print(f"val: {source['val_per_class']} per class from the CIFAR training images the long-tailed "
+              f"subset leaves out; taken from the train split where too few were left: {shown}")
     return 0
 
 

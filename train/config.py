@@ -103,7 +103,7 @@ class Config:
             d["w_u_zero_after_warmup"] = d.pop("w_u_after_warmup") == 0
         unknown = set(d) - known
         if unknown:
-            raise DataError(f"unknown config keys {sorted(unknown)}")
+            raise DataError(f"unknown config keys {', '.join(sorted(unknown))}")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**kw)  # types and values are checked by `validate`
 
@@ -127,21 +127,23 @@ LAMBDA_PER = ("sample", "batch")
 
 @dataclass(frozen=True)
 class Range:
-    """Allowed numbers: lo <= x (lo < x when lo_open) and x <= hi; None: no bound on that side."""
+    """Allowed numbers: lo <= x (lo < x when lo_open) and x <= hi (x < hi when hi_open); None: no
+    bound on that side."""
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False
+    hi_open: bool = False
 
     def holds(self, x) -> bool:
         return ((self.lo is None or (x > self.lo if self.lo_open else x >= self.lo))
-                and (self.hi is None or x <= self.hi))
+                and (self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)))
 
     def __str__(self) -> str:
         def num(x) -> str:
             return str(int(x)) if float(x).is_integer() else f"{x:g}"
         if self.hi is None:
             return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
-        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}]"
+        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
 
 
 _POSITIVE, _AT_LEAST_1, _NON_NEGATIVE, _UNIT = Range(0, lo_open=True), Range(1), Range(0), Range(0, 1)
@@ -161,13 +163,16 @@ RANGES: dict[str, Range] = {
     "momentum": _UNIT, "weight_decay": _NON_NEGATIVE,
     "lr_warmup_epochs": _NON_NEGATIVE, "lr_steps": _NON_NEGATIVE, "lr_step_factor": Range(0, 1, lo_open=True),
     "warmup_epochs": _NON_NEGATIVE, "alpha": _POSITIVE, "tau": _POSITIVE, "centroid_momentum": _UNIT,
-    "alpha_b": _POSITIVE, "w_u": _NON_NEGATIVE, "w_il": _NON_NEGATIVE, "val_fraction": _NON_NEGATIVE,
+    "alpha_b": _POSITIVE, "w_u": _NON_NEGATIVE, "w_il": _NON_NEGATIVE, "val_fraction": Range(0, 1, hi_open=True),
     "s2_tau_norm_grid": _NON_NEGATIVE, "s2_logit_adjust_grid": _NON_NEGATIVE,
     "s2_mislas_eps_head": _NON_NEGATIVE, "s2_mislas_eps_tail": _NON_NEGATIVE,
     "s2_epochs": _NON_NEGATIVE, "s2_lr": _POSITIVE, "s2_beta": _UNIT, "s2_temperature": _POSITIVE,
     "eval_every": _NON_NEGATIVE, "eval_batch_size": _AT_LEAST_1, "checkpoint_minutes": _NON_NEGATIVE,
     "log_every": _AT_LEAST_1,
 }
+# Numbers with no bound: the class-aware samplers' exponent (p_k ~ n_k^-gamma, pipeline.samplers).
+UNBOUNDED = {k: "any number (p_k ~ n_k^-gamma: 0 class-balanced, 1 reverse, -1 instance-balanced)"
+             for k in ("gamma", "s2_gamma")}
 # Free-text settings, checked against the dataset when a run starts.
 TEXT_SETTINGS = {"data": "a folder written by `iccl convert`", "train_split": "a split of the dataset",
                  "eval_split": "a split of the dataset",
@@ -198,6 +203,8 @@ def allowed(key: str) -> str:
         return "one of " + ", ".join(ARCHITECTURES) + ", or timm:NAME (any timm model)"
     if key in TEXT_SETTINGS:
         return TEXT_SETTINGS[key]
+    if key in UNBOUNDED:
+        return UNBOUNDED[key]
     if key in RANGES:
         default = getattr(_DEFAULTS, key)
         return ("3 values, each " if key in RGB_SETTINGS else "values, each " if isinstance(default, tuple)
@@ -346,8 +353,6 @@ def _check_owned(cfg: Config) -> list[str]:
 def _stage2_problems(cfg: Config) -> list[str]:
     """Stage-2 settings that contradict each other."""
     problems = []
-    if cfg.val_fraction >= 1.0:
-        problems.append(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
     if cfg.stage2 != "distill" and cfg.s2_beta > 0:
         problems.append(f"s2_beta={cfg.s2_beta}: distillation belongs to stage2=distill (set s2_beta=0)")
     if cfg.val_split and cfg.val_fraction > 0:

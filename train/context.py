@@ -150,7 +150,7 @@ def _named_split(cfg: Config, setting: str, splits) -> str:
     if name not in splits:
         hint = (" (`iccl convert ... --val-per-class N` writes a validation split named val)"
                 if setting == "val_split" else ", or `iccl eval --split NAME` for a run already trained")
-        raise DataError(f"{cfg.data}: no {name!r} split for {setting} (it has {sorted(splits)}); choose "
+        raise DataError(f"{cfg.data}: no split named {name} for {setting} (it has {', '.join(sorted(splits))}); choose "
                         f"one of them with --set {setting}=NAME{hint}")
     return name
 
