@@ -180,8 +180,8 @@ def _claim(out: Path, source: Source, fingerprint: dict) -> None:
             _remove_output(out, set(previous.get("splits", {})) | set(source.splits))
             write_json(request, fingerprint)
             return
-        # The options a user sets (an imbalance, --val-per-class) first, with both values; then
-        # what follows from them (counts, label hashes), by name.
+        # The differences shown with both values (an option such as --imbalance or --quality, a
+        # count) first, then those shown by name only (lists, hashes).
         differences = sorted(_differences(previous, fingerprint), key=lambda d: " before, " not in d)
         shown = ", ".join(differences[:5]) + (", ..." if len(differences) > 5 else "")
         raise DataError(f"{out} holds a different conversion (differs in: {shown}); "

@@ -21,14 +21,16 @@ SPEED = ["--loader", "resident", "--workers", "0"]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """An ICCL run on data with train (24 / 12 / 8 / 4), val (3 per class) and test."""
+    """An ICCL run on data with train (24 / 12 / 8 / 4), val (3 per class) and test, evaluated on
+    val after stage 1 (so a stage 2 from it tuned on val starts with its feature pass)."""
     root = tmp_path_factory.mktemp("faults")
-    train(tiny_config(make_tiny_lt(root / "data", val_per_class=3), amp="fp32"), root / "iccl")
+    train(tiny_config(make_tiny_lt(root / "data", val_per_class=3), amp="fp32", overrides={"val_split": "val"}),
+          root / "iccl")
     return root
 
 
-def _stage2(source, out, *sets, extra=()):
-    args = ["-q", "stage2", "--from", str(source), "--out", str(out), *SPEED, *extra]
+def _stage2(source, out, *sets, extra=(), quiet=True):
+    args = ["-q"] * quiet + ["stage2", "--from", str(source), "--out", str(out), *SPEED, *extra]
     for s in sets:
         args += ["--set", s]
     return cli(args)
@@ -65,21 +67,35 @@ def test_a_crop_larger_than_the_images_is_refused_and_the_corrected_run_starts(t
     data = make_converted(tmp_path / "small", {"train": (random_images(16, 16), torch.arange(16).numpy() % 4),
                                                "test": (random_images(8, 16, seed=1), torch.arange(8).numpy() % 4)}, 4)
     out = tmp_path / "run"
-    with pytest.raises(DataError, match=r"image_size=32: a 32-px crop does not fit the 16x16 images"):
+    with pytest.raises(DataError, match=r"image_size=32: a 32-px crop does not fit the 16x16 images.*"
+                                        r"--set image_size=16 --set eval_resize=16"):
         train(tiny_config(data, epochs=1, warmup_epochs=0, batch_size=8), out)
     assert not out.exists()
     report = train(tiny_config(data, epochs=1, warmup_epochs=0, batch_size=8, s2_epochs=0,
-                               overrides={"image_size": "16"}), out)
+                               overrides={"image_size": "16", "eval_resize": "16"}), out)
     assert report["stage1"]["num_samples"] == 8
 
 
-def test_settings_may_change_until_the_first_checkpoint(run, tmp_path):
+def test_the_crop_check_reads_past_an_unreadable_first_image(tmp_path, monkeypatch):
+    """A corrupt image is replaced in training, so the check takes the first size that reads."""
+    from train.context import _check_crop
+    sizes = iter([None, (16, 16)])
+    monkeypatch.setattr("train.context.stored_size", lambda split, i: next(sizes))
+    with pytest.raises(DataError, match="16x16 images"):
+        _check_crop(tiny_config(make_tiny_lt(tmp_path / "d")), [0, 1])
+
+
+@pytest.mark.parametrize("result", ["checkpoint.pt", "stage1.pt", "final.pt", "report.json"])
+def test_settings_may_change_until_the_run_has_a_result(run, tmp_path, result):
     cfg = tiny_config(run / "data")
     out = tmp_path / "run"
     out.mkdir()
     write_json(out / "config.json", {**cfg.to_dict(), "lr": cfg.lr * 2})
+    (out / "metrics.jsonl").write_text('{"stage": "stage1"}\n')
+    write_json(out / "stage1_source.json", {"stage1": "elsewhere"})
     check_resume_config(out, cfg)  # nothing trained: the corrected command may start it
-    (out / "checkpoint.pt").write_bytes(b"")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # the attempt's log and source go
+    (out / result).write_bytes(b"")
     with pytest.raises(DataError, match="holds a run with other settings"):
         check_resume_config(out, cfg)
 
@@ -93,10 +109,12 @@ def test_eval_on_the_val_split_is_refused_only_where_a_value_was_chosen_on_it(ru
     assert cli(["-q", "eval", "--run", str(tmp_path / "la"), "--split", "val", "--stage", "1"]) == 0
 
 
-def test_a_stop_during_a_choice_without_training_exits_130_and_the_rerun_finishes(run, tmp_path, monkeypatch):
+def test_a_stop_during_a_choice_without_training_exits_130_and_the_rerun_finishes(run, tmp_path, monkeypatch,
+                                                                                   capsys):
     out = tmp_path / "tau"
     monkeypatch.setattr("train.loop.stop_requested", lambda: "SIGINT")
-    assert _stage2(run / "iccl", out, "stage2=tau_norm", "val_split=val") == 130
+    assert _stage2(run / "iccl", out, "stage2=tau_norm", "val_split=val", quiet=False) == 130
+    assert "stopped during the features of the val split" in capsys.readouterr().err
     assert not (out / "final.pt").exists()
     monkeypatch.undo()
     assert _stage2(run / "iccl", out, "stage2=tau_norm", "val_split=val") == 0
@@ -104,19 +122,26 @@ def test_a_stop_during_a_choice_without_training_exits_130_and_the_rerun_finishe
 
 
 @pytest.mark.slow
-def test_a_stopped_search_resumes_inside_its_candidate_and_ends_as_if_never_stopped(run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_in", [0.1, 0.3])
+def test_a_stopped_search_resumes_inside_its_candidate_and_ends_as_if_never_stopped(run, tmp_path, monkeypatch,
+                                                                                    stop_in):
+    """Stopped inside the first candidate, the rerun's weights are the resumed candidate's (the
+    two candidates tie on this tiny split, and a tie goes to the first); stopped inside the
+    second, the finished first one is not trained again."""
     sets = ("stage2=mislas", "val_split=val", "s2_epochs=2", "s2_mislas_eps_head=0.1,0.3")
     assert _stage2(run / "iccl", tmp_path / "whole", *sets) == 0
     out = tmp_path / "stopped"
 
-    def stop_in_the_second_candidate():  # checkpoints are written every step (checkpoint_minutes=0)
+    def stop_inside(value):  # checkpoints are written every step (checkpoint_minutes=0)
         ckpt = out / "checkpoint.pt"
-        return "SIGINT" if ckpt.is_file() and checkpoint.load(ckpt).get("search", {}).get("scores") else None
+        return "SIGINT" if ckpt.is_file() and checkpoint.load(ckpt).get("search", {}).get("current") == value \
+            else None
 
-    monkeypatch.setattr("train.loop.stop_requested", stop_in_the_second_candidate)
+    monkeypatch.setattr("train.loop.stop_requested", lambda: stop_inside(stop_in))
     assert _stage2(run / "iccl", out, *sets) == 130
     saved = checkpoint.load(out / "checkpoint.pt")
-    assert saved["search"]["current"] == 0.3 and [v for v, _ in saved["search"]["scores"]] == [0.1]
+    assert saved["search"]["current"] == stop_in
+    assert [v for v, _ in saved["search"]["scores"]] == ([] if stop_in == 0.1 else [0.1])
     assert (saved["epoch"], saved["step"]) != (0, 0)
     monkeypatch.undo()
     assert _stage2(run / "iccl", out, *sets) == 0

@@ -85,7 +85,7 @@ def test_a_missing_split_names_the_fix(run, tmp_path, capsys):
     assert cli(["-q", "stage2", "--from", str(run / "iccl"), "--out", str(tmp_path / "x"), *SPEED,
                 "--set", "stage2=tau_norm", "--set", "val_split=holdout"]) == 2
     err = capsys.readouterr().err
-    assert "no 'holdout' split for val_split" in err and "--val-per-class" in err
+    assert "no split named holdout for val_split" in err and "--val-per-class" in err
     assert not (tmp_path / "x" / "config.json").exists()  # refused before anything is written
 
 

@@ -14,7 +14,7 @@ examples:
   iccl stage2 --from runs/c10-iccl --out runs/c10-iccl-la  --set stage2=logit_adjust
   iccl stage2 --from runs/c10-iccl --out runs/c10-iccl-la1 --set stage2=logit_adjust --set s2_logit_adjust_grid=1.0
   iccl stage2 --from runs/c10-iccl --out runs/c10-iccl-lws --set stage2=lws   # again: resumes
-  iccl stage2 --from runs/c10-iccl --out runs/c10-iccl-family --choices all   # every choice, one table
+  iccl stage2 --from runs/c10-iccl --out runs/c10-iccl-family --choices all --set val_split=val
   iccl stage2 --from runs/seeds --out runs/seeds-family --choices crt,lws     # RUN/seed-S of --seeds
 
 Choices (--set stage2=...):

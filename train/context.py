@@ -6,6 +6,7 @@ normalised / mixed here; the stages see batches of normalised tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from pipeline.errors import DataError
 from pipeline.holdout import carve_validation, subset
 from pipeline.loaders import make_eval_loader, make_train_loader
 from pipeline.loaders.base import AugmentSpec, EvalSpec, TrainLoader
+from pipeline.loaders.resident import stored_size
 from pipeline.mixing import mix_normalize, normalize, sample_lambda
 from train.config import Config
 from train.distributed import DistInfo, init_from_env
@@ -134,15 +136,18 @@ def _check_batch(cfg: Config, train: ShardedSplit, world_size: int) -> None:
 
 
 def _check_crop(cfg: Config, train: ShardedSplit) -> None:
-    """pad_crop needs images at least image_size - 2·pad px a side (checked on the first image: the
-    datasets it is for, CIFAR-style, have one size)."""
-    if cfg.augment != "pad_crop" or not len(train):
+    """pad_crop needs images at least image_size - 2·pad px a side. Checked on the first image whose
+    header reads (the datasets pad_crop is for, CIFAR-style, have one size; a corrupt image is
+    replaced in training, not refused here)."""
+    if cfg.augment != "pad_crop":
         return
-    h, w = train.decode(0).shape[:2]
-    if min(h, w) + 2 * cfg.pad < cfg.image_size:
+    size = next((s for s in map(partial(stored_size, train), range(min(len(train), 64))) if s), None)
+    if size and min(size) + 2 * cfg.pad < cfg.image_size:
+        fits = min(size) + 2 * cfg.pad
         raise DataError(f"--set image_size={cfg.image_size}: a {cfg.image_size}-px crop does not fit the "
-                        f"{h}x{w} images of {cfg.data} padded by {cfg.pad} px; set image_size to at most "
-                        f"{min(h, w) + 2 * cfg.pad} (e.g. --set image_size={min(h, w)}).")
+                        f"{size[0]}x{size[1]} images of {cfg.data} padded by {cfg.pad} px; set image_size "
+                        f"to at most {fits}, and eval_resize with it (e.g. --set image_size={min(size)} "
+                        f"--set eval_resize={min(size)}).")
 
 
 def _named_split(cfg: Config, setting: str, splits) -> str:

@@ -122,12 +122,14 @@ def _interrupted(ctx, stage, epoch: int, step: int):
 
 def stoppable(ctx, batches, what: str):
     """`batches`, ending at a stop signal (train.checkpoint.stop_signals) between two of them: for
-    the passes that keep no checkpoint (evaluations; the feature passes of ncm, tau_norm,
-    logit_adjust), which a rerun simply does again. Each process checks alone, not agreed as the
-    training loop's stops are: these passes may differ by a batch between processes, and under
-    torchrun one process that stops ends the job."""
+    the passes that keep no checkpoint (a stage's final evaluation; the feature passes of ncm,
+    tau_norm, logit_adjust and of a search's scoring), which a rerun simply does again. One process
+    only: under torchrun these passes may differ by a batch between processes, so a stop could not
+    be agreed on at every batch as the training loop's are, and one process stopping alone would
+    leave the others waiting in a collective; there the pass runs to its end, and the next
+    training step (or the end of the command) stops."""
     for batch in batches:
-        if stop_requested():
+        if ctx.dist.world_size == 1 and stop_requested():
             ctx.say(f"{stop_requested()}: stopped during {what}, which keeps no checkpoint; rerunning "
                     f"the same command does it again.")
             raise TrainingInterrupted(f"stopped by {stop_requested()} during {what}")

@@ -49,25 +49,36 @@ def tuned_on_val(cfg: Config) -> bool:
     return cfg.stage2 in STAGE2_TUNED and len(getattr(cfg, STAGE2_TUNED[cfg.stage2][0])) > 1
 
 
+# What a run has made once it has trained or evaluated anything: its settings are then fixed.
+_RESULTS = ("checkpoint.pt", "stage1.pt", "final.pt", "report.json")
+
+
 def check_resume_config(run_dir: Path, cfg: Config) -> None:
-    """Refuse an --out that holds something else: files of no run, or a run with other settings
-    that has trained (a checkpoint). A run that stopped before its first checkpoint trained
-    nothing, so a corrected command may start it again with other settings."""
+    """Refuse an --out that holds something else: files of no run (dot-files, such as an atomic
+    write's temporary, aside), or a run with other settings that has results (`_RESULTS`). A run
+    that stopped before any result trained nothing: a corrected command may start it again with
+    other settings, and rank 0 removes what the earlier attempt logged."""
     path = run_dir / "config.json"
     if run_dir.is_dir() and not path.is_file():
-        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in ("metrics.jsonl", "tensorboard"))
+        foreign = sorted(p.name for p in run_dir.iterdir()
+                         if p.name not in ("metrics.jsonl", "tensorboard") and not p.name.startswith("."))
         if foreign:
             raise DataError(f"--out {run_dir}: holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}"
                             f", not a run; choose a new or empty folder.")
-    if not path.is_file() or not (run_dir / "checkpoint.pt").is_file():
+    if not path.is_file():
         return
     old = load_config_json(path)
     diff = {k: (v, getattr(cfg, k)) for k, v in old.to_dict().items()
             if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v}
+    if diff and not any((run_dir / name).is_file() for name in _RESULTS):
+        if int(os.environ.get("RANK", "0")) == 0:
+            for name in ("metrics.jsonl", STAGE1_SOURCE):
+                (run_dir / name).unlink(missing_ok=True)
+        return
     if diff:
         shown = ", ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in sorted(diff.items()))
-        raise DataError(f"{run_dir} holds a run with other settings ({shown}). Resume it with the same "
-                        f"options (e.g. `iccl train --out {run_dir}` alone), or choose another --out.")
+        raise DataError(f"{run_dir} holds a run with other settings ({shown}). Resume it with the command "
+                        f"that made it, or `iccl train --out {run_dir}` alone; or choose another --out.")
 
 
 def new_network(cfg: Config, num_classes: int) -> ICCLNet:
@@ -107,15 +118,18 @@ def predictor(ctx: Context, net: ICCLNet):
     return partial(classify, net, mean=ctx.cfg.mean, std=ctx.cfg.std, autocast=ctx.autocast)
 
 
-def run_eval(ctx: Context, net: ICCLNet, split: str = "eval") -> dict:
+def run_eval(ctx: Context, net: ICCLNet, split: str = "eval", stoppable_pass: bool = True) -> dict:
     """Top-1 overall and by many / medium / few (train.evaluate) on the evaluation split, or with
     split="val" on the validation split (val_split, or the carve of val_fraction > 0). A carve keeps
     the training imbalance, so the result adds "class_mean": the mean of the per-class accuracies
-    (%), the number to compare choices by, as the balanced test split would."""
+    (%), the number to compare choices by, as the balanced test split would. `stoppable_pass` False:
+    a stop signal waits for its end (the evaluations every `eval_every` epochs, which come before
+    the epoch's checkpoint)."""
     was_training = net.training
     net.eval()
-    batches = stoppable(ctx, ctx.eval_batches() if split == "eval" else ctx.plain_batches("val"),
-                        "the evaluation")
+    batches = ctx.eval_batches() if split == "eval" else ctx.plain_batches("val")
+    if stoppable_pass:
+        batches = stoppable(ctx, batches, "the evaluation")
     result = evaluate(predictor(ctx, net), batches, ctx.num_classes, ctx.groups, ctx.device)
     net.train(was_training)
     if split == "val":
@@ -198,7 +212,7 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
     def evaluator(stage, every):
         def on_epoch_end(epoch):
             if every and (epoch + 1) % every == 0 and epoch + 1 < stage.epochs:
-                result = run_eval(ctx, stage.net)
+                result = run_eval(ctx, stage.net, stoppable_pass=False)
                 ctx.metrics.write(stage=stage.name, event="eval", epoch=epoch, **_short(result))
         return on_epoch_end
 
