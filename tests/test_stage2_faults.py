@@ -151,3 +151,12 @@ def test_a_stopped_search_resumes_inside_its_candidate_and_ends_as_if_never_stop
     assert sum(r.get("event") == "epoch" for r in epochs) == 4  # 2 candidates x 2 epochs, none again
     reports = [json.loads((d / "report.json").read_text()) for d in (tmp_path / "whole", out)]
     assert reports[0]["stage2_choice"] == reports[1]["stage2_choice"]
+
+
+def test_a_value_chosen_at_the_edge_of_its_grid_is_said():
+    from train.stage2_methods import grid_edge_note
+    grid = (0.0, 0.5, 1.0, 2.0)
+    assert "largest value of s2_tau_norm_grid" in grid_edge_note("s2_tau_norm_grid", grid, 2.0)
+    assert "smallest" in grid_edge_note("s2_tau_norm_grid", grid, 0.0)
+    assert grid_edge_note("s2_tau_norm_grid", grid, 1.0) is None
+    assert grid_edge_note("s2_mislas_eps_head", (0.1, 0.3), 0.3) is None  # two values: both edges

@@ -81,8 +81,25 @@ def run_stage2(ctx, net, state: dict, stage1_path, make_saver: Callable, make_ev
         if search["best_value"] is None or scores[value] > scores[search["best_value"]]:
             search.update(best_value=value, best_net=copy.deepcopy(net.state_dict()))
     net.load_state_dict(search["best_net"])
+    _say_edge(ctx, grid, search["best_value"])
     return {**info, "corrupt_training_images": search["skipped"],
             "chosen": {TUNED[cfg.stage2][1]: search["best_value"]}, "val_top1_by_value": scores}
+
+
+def grid_edge_note(setting: str, grid, chosen) -> str | None:
+    """A note when `chosen` is the largest or smallest of three or more candidates: the best value
+    may lie beyond the grid, which is then worth widening."""
+    if len(grid) < 3 or chosen not in (min(grid), max(grid)):
+        return None
+    side = "largest" if chosen == max(grid) else "smallest"
+    return (f"{chosen} is the {side} value of {setting}; the best may lie beyond it: widen the grid "
+            f"(--set {setting}=...) to see.")
+
+
+def _say_edge(ctx, grid, chosen) -> None:
+    note = grid_edge_note(TUNED[ctx.cfg.stage2][0], grid, chosen)
+    if note:
+        ctx.say(f"stage 2 {ctx.cfg.stage2}: {note}")
 
 
 def _say_score(ctx, value, score: float) -> None:
@@ -106,6 +123,7 @@ def _post_hoc(ctx, net, grid) -> dict:
     for value, score in scores.items():
         _say_score(ctx, value, score)
     chosen = max(grid, key=lambda v: scores[v])  # ties: the first in the grid
+    _say_edge(ctx, grid, chosen)
     _set_classifier(net, *candidates[chosen])
     return {"chosen": {name: chosen}, "val_top1_by_value": scores}
 
