@@ -134,3 +134,11 @@ def stoppable(ctx, batches, what: str):
                     f"the same command does it again.")
             raise TrainingInterrupted(f"stopped by {stop_requested()} during {what}")
         yield batch
+
+
+def resume_stage(stage, state: dict) -> None:
+    """Load a checkpoint's `state` into `stage`: its weights and optimiser (`stage.load_state_dict`)
+    and the two counts this loop keeps across a save (corrupt images met, the epoch's loss so far)."""
+    stage.load_state_dict(state)
+    stage.skipped_images = state.get("skipped_images", 0)
+    stage.epoch_loss = state.get("epoch_loss")

@@ -33,7 +33,7 @@ from train.distributed import barrier
 from train.evaluate import evaluate
 from train.inference import (STAGE1_SOURCE, classify, place, read_stage1_source, saved_model_path,
                              stage1_path)
-from train.loop import run_epochs, stoppable
+from train.loop import resume_stage, run_epochs, stoppable
 from train.plots import draw_run
 from train.stage1 import Stage1
 from train.stage2_methods import run_stage2
@@ -223,9 +223,7 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
         bank = CentroidBank(ctx.num_classes, cfg.proj_dim, cfg.centroid_momentum).to(ctx.device)
         stage = Stage1(ctx, net, bank)
         if "net" in state:
-            stage.load_state_dict(state)
-            stage.skipped_images = state.get("skipped_images", 0)
-            stage.epoch_loss = state.get("epoch_loss")
+            resume_stage(stage, state)
         run_epochs(ctx, stage, state["epoch"], state["step"], saver(1, stage), evaluator(stage, cfg.eval_every))
         recompute_bn_stats(ctx, stage)  # before anything uses evaluation mode (see train.bn_stats)
         if ctx.dist.enabled:

@@ -19,7 +19,7 @@ from pipeline.errors import DataError
 from train import checkpoint
 from train.config import STAGE2_TUNED
 from train.distributed import all_reduce_sum
-from train.loop import run_epochs, stoppable
+from train.loop import resume_stage, run_epochs, stoppable
 from train.stage2 import Stage2
 
 TUNED = STAGE2_TUNED
@@ -47,9 +47,7 @@ def run_stage2(ctx, net, state: dict, stage1_path, make_saver: Callable, make_ev
     if len(grid) == 1:
         stage = Stage2(ctx, net, teacher, eps_head=grid[0])
         if "optimizer" in state:
-            stage.load_state_dict(state)
-            stage.skipped_images = state.get("skipped_images", 0)
-            stage.epoch_loss = state.get("epoch_loss")
+            resume_stage(stage, state)
         run_epochs(ctx, stage, state["epoch"], state["step"], make_saver(stage), make_evaluator(stage))
         stage.finish()
         info["corrupt_training_images"] = stage.skipped_images
@@ -68,9 +66,7 @@ def run_stage2(ctx, net, state: dict, stage1_path, make_saver: Callable, make_ev
         stage = Stage2(ctx, net, teacher, eps_head=value)
         stage.search = {**search, "current": value}
         if resuming:
-            stage.load_state_dict(state)
-            stage.skipped_images = state.get("skipped_images", 0)
-            stage.epoch_loss = state.get("epoch_loss")
+            resume_stage(stage, state)
         run_epochs(ctx, stage, state["epoch"] if resuming else 0, state["step"] if resuming else 0,
                    make_saver(stage), lambda epoch: None)
         stage.finish()
