@@ -139,7 +139,7 @@ def test_every_numeric_setting_has_one_rule():
     """A new numeric setting must get a range in RANGES (or be listed here as any finite number)."""
     from dataclasses import fields
 
-    from train.config import CHOICES, RANGES
+    from train.settings import CHOICES, RANGES
     any_finite = {"gamma", "s2_gamma", "mean"}  # p_k ~ n_k^-gamma takes any real gamma
     numeric = {f.name for f in fields(Config)
                if not isinstance(getattr(Config(), f.name), (bool, str)) or f.name == "proj_hidden"}

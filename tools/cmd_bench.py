@@ -11,7 +11,8 @@ from pathlib import Path
 from pipeline.cpus import usable_cpus
 from pipeline.errors import DataError
 from pipeline.loaders import LOADER_CHOICES, LOADERS
-from train.config import AUGMENTS, PRESETS
+from train.config import PRESETS
+from train.settings import AUGMENTS
 
 PIPELINE_DESCRIPTION = """\
 Decoded images per second of each data loader in two-stream training mode (uniform + class-aware

@@ -62,7 +62,7 @@ def cmd_reproduce(args) -> int:
     from train.runner import train
 
     from tools.cmd_train import parse_seeds
-    from train.config import METHODS
+    from train.settings import METHODS
 
     ratio = int(args.imbalance) if args.imbalance == int(args.imbalance) else args.imbalance
     out = args.out or Path(f"runs/reproduce-{args.dataset}-{ratio}")

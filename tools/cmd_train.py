@@ -8,7 +8,8 @@ from pathlib import Path
 
 from pipeline.errors import DataError
 from pipeline.loaders import LOADER_CHOICES
-from train.config import METHODS, PRESETS, SEEDS_FILE
+from train.config import PRESETS, SEEDS_FILE
+from train.settings import METHODS
 
 TRAIN_EXAMPLES = """\
 examples:
