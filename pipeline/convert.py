@@ -48,14 +48,13 @@ from pipeline.convert_shard import (LARGE_IMAGE_PIXELS, ShardResult, ShardTask, 
 from pipeline.cpus import usable_cpus
 from pipeline.errors import ON_ERROR, DataError
 from pipeline.format import (FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE, INDEX_FILE, META_FILE,
-                             beton_name, read_meta, shard_ids, shard_name, shot_groups)
+                             REQUEST_FILE, beton_name, read_meta, shard_ids, shard_name, shot_groups)
 from pipeline.progress import count, progress, say
 from pipeline.sources.base import Source
 
 # 1,000 samples make shards of ~100 MB for ImageNet-size JPEGs (large sequential reads, few
 # files) and a few MB for CIFAR (still enough shards for every loader worker to have its own).
 DEFAULT_SHARD_SIZE = 1000
-REQUEST_FILE = "convert.json"
 STOPPED = "stopped_at_bad_input"  # key in REQUEST_FILE: the conversion stopped there, with this message
 SKIPPED_FILE = "skipped.json"
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")

@@ -27,6 +27,8 @@ from pipeline.errors import DataError
 FORMAT_NAME = "iccl-shards"
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
+# written first by a conversion (what was asked); with no META_FILE beside it, the conversion is unfinished
+REQUEST_FILE = "convert.json"
 INDEX_FILE = "index.npy"
 
 # offset/size locate the image bytes (not the tar header) inside the shard, so a sample is one slice
@@ -78,10 +80,14 @@ def read_meta(root: str | Path) -> dict:
     if not root.is_dir():
         raise DataError(f"{root}: no such folder. Pass the output folder of `iccl convert`.")
     if not path.is_file():
-        raise DataError(
-            f"{path} is missing: {root} is not a converted dataset, or its conversion did not finish. "
-            f"Run `iccl convert ... --out {root}` (a rerun resumes)."
-        )
+        if (root / REQUEST_FILE).is_file():
+            raise DataError(f"{path} is missing: the conversion into {root} did not finish. Run the same "
+                            f"`iccl convert ... --out {root}` again (it resumes).")
+        # Never suggest converting into a folder that holds something else (a run, photographs).
+        run = (" It holds a training run (config.json): `iccl eval --run " + str(root) + "` evaluates it."
+               if (root / "config.json").is_file() else "")
+        raise DataError(f"{root}: not a converted dataset (no {META_FILE}).{run} Pass the --out of "
+                        f"`iccl convert`.")
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:

@@ -34,7 +34,9 @@ def _silent() -> bool:
 def say(message: str) -> None:
     """A status line for the user (stderr, so stdout stays clean for --json output)."""
     if not _silent():
-        console.print(message, highlight=False)
+        # soft_wrap: the line is never broken by rich (a log's 80 columns would split a path or a
+        # command to copy); a terminal wraps it where it must.
+        console.print(message, highlight=False, soft_wrap=True)
 
 
 def count(n: int, noun: str, plural: str | None = None) -> str:

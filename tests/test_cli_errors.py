@@ -188,7 +188,7 @@ def test_convert_stopped_at_a_bad_item_reruns_after_the_fix(tmp_path, capsys, fi
 
 
 def test_convert_still_refuses_a_different_request_over_an_interrupted_one(tmp_path, capsys):
-    from pipeline.convert import REQUEST_FILE
+    from pipeline.format import REQUEST_FILE
     src = _image_tree(tmp_path / "src")
     out = tmp_path / "out"
     assert main(["-q", "convert", "folder", "--root", str(src), "--out", str(out), "--workers", "1"]) == 0

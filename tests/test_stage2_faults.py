@@ -160,3 +160,80 @@ def test_a_value_chosen_at_the_edge_of_its_grid_is_said():
     assert "smallest" in grid_edge_note("s2_tau_norm_grid", grid, 0.0)
     assert grid_edge_note("s2_tau_norm_grid", grid, 1.0) is None
     assert grid_edge_note("s2_mislas_eps_head", (0.1, 0.3), 0.3) is None  # two values: both edges
+
+
+def _seeds_folder(run, root, seeds=(0, 1), listed=None):
+    """A --seeds folder whose seed-S runs are copies of the module's run (seeds.json lists `listed`)."""
+    import shutil
+    for s in seeds:
+        shutil.copytree(run / "iccl", root / f"seed-{s}")
+    write_json(root / "seeds.json", {"seeds": list(listed if listed is not None else seeds)})
+    return root
+
+
+def test_choices_faults_end_in_one_line_and_write_nothing(run, tmp_path, capsys):
+    """Every seed must have its stage 1; --out is a folder of its own; each choice once; every
+    refusal of a --choices run is said at once."""
+    unfinished = _seeds_folder(run, tmp_path / "unfinished")
+    (unfinished / "seed-1" / "stage1.pt").unlink()
+    unlisted = _seeds_folder(run, tmp_path / "unlisted", seeds=(0,), listed=(0, 2))
+    complete = _seeds_folder(run, tmp_path / "complete", seeds=(0,))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x.txt").write_text("mine")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    cases = [
+        (unfinished, tmp_path / "a", "crt", (), f"{unfinished / 'seed-1' / 'stage1.pt'}: missing"),
+        (unlisted, tmp_path / "a", "crt", (), f"{unlisted / 'seed-2'}: missing; seeds.json lists seed-2"),
+        (complete, complete, "crt", (), "inside --from"),
+        (complete, complete / "family", "crt", (), "inside --from"),
+        (complete, tmp_path / "afile", "crt", (), "a file; choose a folder"),
+        (complete, tmp_path / "notes", "crt", (), "holds other files (x.txt)"),
+        (complete, tmp_path / "a", "crt,ncm,crt", (), "crt given twice"),
+        (complete, tmp_path / "a", "crt,tau_norm,logit_adjust", ("val_split=",),
+         "stage2=logit_adjust chooses tau"),
+    ]
+    for src, out, choices, sets, message in cases:
+        assert _stage2(src, out, *sets, extra=("--choices", choices)) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "stage2=tau_norm chooses" in err  # both tuned choices named in the one message
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_stage1_setting_given_as_the_run_has_it_is_accepted(run):
+    from train.config import load_config_json
+    from train.stage2_from import stage2_run_config
+    epochs = load_config_json(run / "iccl" / "config.json").epochs
+    cfg, _ = stage2_run_config(run / "iccl", {"stage2": "crt", "epochs": str(epochs), "lr_steps": "1"})
+    assert cfg.stage2 == "crt" and cfg.epochs == epochs
+    with pytest.raises(DataError, match="--set epochs: fixed by the stage 1"):
+        stage2_run_config(run / "iccl", {"stage2": "crt", "epochs": str(epochs + 1)})
+
+
+def test_seed_runs_are_taken_by_seed_number(tmp_path):
+    from train.stage2_from import seed_runs
+    for s in (10, 2, 0):
+        (tmp_path / f"seed-{s}").mkdir()
+        (tmp_path / f"seed-{s}" / "config.json").write_text("{}")
+    (tmp_path / "seed-x").mkdir()  # not a run: no config.json
+    assert [p.name for p in seed_runs(tmp_path)] == ["seed-0", "seed-2", "seed-10"]
+
+
+def test_choices_from_one_seed_keep_the_seed_layout_and_write_their_table(run, tmp_path, capsys):
+    """A folder of seeds gives OUT/CHOICE/seed-S even with one seed (more seeds later land beside
+    it), OUT/summary.json holds the table and the tuned values, and the folders say what they are."""
+    seeds = _seeds_folder(run, tmp_path / "seeds", seeds=(0,))
+    assert _stage2(seeds, tmp_path / "fam", extra=("--choices", "ncm,tau_norm")) == 0
+    assert (tmp_path / "fam" / "ncm" / "seed-0" / "report.json").is_file()
+    summary = json.loads((tmp_path / "fam" / "summary.json").read_text())
+    assert summary["runs"] == ["seed-0"] and set(summary["stage2"]) == {"ncm", "tau_norm"}
+    assert list(summary["chosen"]) == ["tau_norm"] and list(summary["chosen"]["tau_norm"]) == ["seed-0"]
+    report = json.loads((tmp_path / "fam" / "tau_norm" / "seed-0" / "report.json").read_text())
+    assert summary["stage2"]["tau_norm"]["top1"] == round(report["stage2"]["top1"], 2)
+    capsys.readouterr()
+    assert cli(["-q", "eval", "--run", str(tmp_path / "fam")]) == 2
+    assert f"it holds runs (e.g. {tmp_path / 'fam' / 'ncm' / 'seed-0'})" in capsys.readouterr().err
+    assert cli(["-q", "info", str(tmp_path / "fam" / "ncm" / "seed-0")]) == 2
+    err = capsys.readouterr().err
+    assert "holds a training run" in err and "iccl convert ... --out" not in err

@@ -143,8 +143,14 @@ def test_verify_finds_counts_that_disagree_with_meta(converted):
 
 
 def test_verify_of_a_folder_that_is_not_a_dataset(tmp_path, capsys):
-    assert "did not finish" in verify(tmp_path)[0]
+    """Only an unfinished conversion (convert.json, no meta.json) is told to rerun the conversion
+    into the folder: converting into a run folder or an empty one would not be what was meant."""
+    assert "not a converted dataset (no meta.json). Pass the --out of `iccl convert`" in verify(tmp_path)[0]
     assert tools.cli.main(["verify", str(tmp_path)]) == 2
+    (tmp_path / "config.json").write_text("{}")
+    assert f"holds a training run (config.json): `iccl eval --run {tmp_path}`" in verify(tmp_path)[0]
+    (tmp_path / "convert.json").write_text("{}")
+    assert "did not finish. Run the same `iccl convert ... --out" in verify(tmp_path)[0]
 
 
 @pytest.mark.slow

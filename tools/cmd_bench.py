@@ -136,8 +136,9 @@ def _pipeline(args) -> int:
 
 
 def _print_pipeline(report: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from tools.report_table import out_console
 
     aug = report["augment"]
     what = (f"pad {aug['pad']} + crop {aug['size']}" if aug["kind"] == "pad_crop"
@@ -159,7 +160,7 @@ def _print_pipeline(report: dict) -> None:
                       f"{100 * r['fraction_of_decode_ceiling']:.0f}%",
                       f"{100 * r['fraction_of_floor']:.0f}%", f"{r['setup_s']:.1f}", "")
     decoders = ", ".join(f"{k} {v:,.0f}/s" for k, v in report["decoders"].items())
-    console = Console()
+    console = out_console()
     console.print(table)
     console.print(f"decode-only ceiling: {report['decode_ceiling_images_per_s']:,.0f} images/s "
                   f"({report['decoder']}; measured: {decoders})", highlight=False)
@@ -236,9 +237,9 @@ def _train(args) -> int:
 
 
 def _print_train(report: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from tools.report_table import print_table
     device = report["device_name"] or f"{report['device']}, {report['threads']} threads"
     table = Table(title=f"stage-1 step, preset {report['preset']} (w_u after warm-up "
                         f"{report['w_u_after_warmup']:g}) on {device}{', compiled' if report['compile'] else ''}")
@@ -248,4 +249,4 @@ def _print_train(report: dict) -> None:
         ratio = r["ratio_to_naive"]
         table.add_row(r["variant"], r["dtype"], f"{r['images_per_s']:,.0f}", f"{ratio:.2f}" if ratio else "-",
                       f"{r['step_ms']:.1f}", f"{r['warmup_s']:.1f}", f"{100 * r['utilisation']:.1f}%")
-    Console().print(table)
+    print_table(table)

@@ -181,11 +181,11 @@ def _register_scale(sub) -> None:
 
 
 def _scale(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from pipeline.atomic import write_json
     from tools.bench_scale import STEPS, run, table_rows
+    from tools.report_table import print_table
 
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -201,7 +201,7 @@ def _scale(args) -> int:
         table.add_column(name)
     for row in table_rows(report):
         table.add_row(*row)
-    Console().print(table)
+    print_table(table)
     if args.json:
         write_json(args.json, report)
     return 0

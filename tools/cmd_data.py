@@ -305,12 +305,11 @@ def _verify(args) -> int:
 def _print_splits(title: str, rows: list[tuple], header: tuple[str, ...]) -> None:
     """A table of splits on stdout (rich; uncoloured and full width when stdout is a file)."""
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: rich's default 80 columns would cut headers
-        console = Console(width=120)
+    from tools.report_table import out_console
+
+    console = out_console()
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     for h in header:
         table.add_column(h, justify="left" if h in ("split", "formats") else "right",

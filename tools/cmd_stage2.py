@@ -7,6 +7,10 @@ from pathlib import Path
 from pipeline.errors import DataError
 from pipeline.loaders import LOADER_CHOICES
 
+# What `--choices` writes beside OUT/CHOICE: the table (mean ± std over the runs) and the value
+# each tuned choice chose in each run.
+FAMILY_SUMMARY = "summary.json"
+
 EXAMPLES = """\
 examples:
   iccl stage2 --from runs/c10-iccl --out runs/c10-iccl-lws --set stage2=lws
@@ -51,17 +55,20 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a stage-2 setting, e.g. --set stage2=lws --set s2_epochs=10")
     p.add_argument("--choices", help="comma-separated stage-2 choices, or 'all': one run per choice in "
-                                     "OUT/CHOICE (OUT/CHOICE/seed-S when --from holds the seed-S runs of "
-                                     "`iccl train --seeds`), then one table (mean ± std over seeds)")
+                                     "OUT/CHOICE (OUT/CHOICE/seed-S when --from holds seed-S runs, e.g. of "
+                                     "`iccl train --seeds`; every seed's stage 1 must have finished), then one "
+                                     "table (mean ± std over seeds), also written to OUT/summary.json with "
+                                     "each run's tuned value")
     p.set_defaults(handler=cmd_stage2)
 
 
 def cmd_stage2(args) -> int:
+    from pipeline.atomic import write_json
     from tools.cmd_train import _is_main, parse_overrides
-    from tools.report_table import mean_std_table, print_table, results_table
+    from tools.report_table import mean_std, mean_std_table, print_table, results_table
     from train.config import STAGE2_CHOICES
     from train.runner import train
-    from train.stage2_from import stage2_run_config
+    from train.stage2_from import seed_runs, stage2_run_config
     explicit = dict(data=str(Path(args.data).resolve()) if args.data else None, loader=args.loader,
                     workers=args.workers, device=args.device)
     overrides = parse_overrides(args.set)
@@ -77,39 +84,84 @@ def cmd_stage2(args) -> int:
         return 0
     if "stage2" in overrides:
         raise DataError("--choices and --set stage2=... both choose the stage 2; give one of them")
-    if (args.out / "config.json").is_file():
-        raise DataError(f"--out {args.out}: holds a run; --choices writes one run per choice in "
-                        f"OUT/CHOICE, so choose a new folder (or the --out of an earlier --choices).")
-    choices = STAGE2_CHOICES if args.choices == "all" else tuple(c.strip() for c in args.choices.split(","))
-    bad = [c for c in choices if c not in STAGE2_CHOICES]
-    if bad:
-        raise DataError(f"--choices {','.join(bad)}: choose among {', '.join(STAGE2_CHOICES)} or 'all'")
-    seeds = sorted(p for p in args.source.glob("seed-*") if (p / "stage1.pt").is_file())
-    sources = seeds if seeds and not (args.source / "stage1.pt").is_file() else [args.source]
-    # Every configuration is checked before anything trains: a refusal costs nothing.
-    plans = [(c, src, *stage2_run_config(src, {**overrides, "stage2": c}, explicit))
-             for c in choices for src in sources]
+    choices = _choices(args.choices, STAGE2_CHOICES)
+    _check_family_out(args.out, args.source, STAGE2_CHOICES)
+    sources = seed_runs(args.source)
+    # Every configuration is checked before anything trains, and every refusal is said at once.
+    plans, problems = [], []
+    for choice in choices:
+        for src in sources:
+            try:
+                plans.append((choice, src, *stage2_run_config(src, {**overrides, "stage2": choice}, explicit)))
+            except DataError as e:
+                problems += [str(e)] if str(e) not in problems else []
+    if problems:
+        raise DataError(" ".join(problems))
     rows = {"stage 1": [source["stage1_eval"] for _, _, _, source in plans[:len(sources)]
                         if source["stage1_eval"]]}
     reports = {}
+    per_seed = sources != [args.source]  # a folder of seed-S runs: OUT/CHOICE/seed-S, even for one seed
     for choice, src, cfg, source in plans:
-        out = args.out / choice / (src.name if len(sources) > 1 else "")
+        out = args.out / choice / (src.name if per_seed else "")
         reports.setdefault(choice, (cfg, []))[1].append(train(cfg, out, stage1_source=source))
+    names = [src.name for src in sources]
+    summary = {"from": str(args.source.resolve()), "runs": names,
+               "stage1": mean_std(rows["stage 1"]) if rows["stage 1"] else None, "stage2": {}, "chosen": {}}
     for choice, (cfg, runs) in reports.items():
-        rows[choice + chosen_values(cfg, runs)] = [r["stage2"] for r in runs]
+        rows[choice + chosen_values(cfg, runs, names)] = [r["stage2"] for r in runs]
+        summary["stage2"][choice] = mean_std([r["stage2"] for r in runs])
+        if any(r.get("stage2_choice", {}).get("chosen") for r in runs):
+            summary["chosen"][choice] = dict(zip(names, (r["stage2_choice"]["chosen"] for r in runs)))
     if _is_main():
+        write_json(args.out / FAMILY_SUMMARY, summary)
         print_table(mean_std_table(rows, f"stage-2 choices from {args.source}: top-1 %"))
     return 0
 
 
-def chosen_values(cfg, reports: list[dict]) -> str:
-    """' (tau = 1.0, 1.25, 1.0 chosen on val)': a tuned choice's value in each run, and where it was
-    chosen; '' for a choice that tunes nothing."""
+def _choices(text: str, known: tuple[str, ...]) -> tuple[str, ...]:
+    """--choices as a tuple; DataError for an unknown or repeated choice."""
+    choices = known if text == "all" else tuple(c.strip() for c in text.split(",") if c.strip())
+    bad = [c for c in choices if c not in known]
+    if bad or not choices:
+        raise DataError(f"--choices {','.join(bad)}: choose among {', '.join(known)} or 'all'")
+    twice = sorted({c for c in choices if choices.count(c) > 1})
+    if twice:
+        raise DataError(f"--choices {text}: {', '.join(twice)} given twice; name each choice once")
+    return choices
+
+
+def _check_family_out(out: Path, source: Path, known: tuple[str, ...]) -> None:
+    """--out of `--choices`: a new folder, or the --out of an earlier `--choices` (it holds only
+    CHOICE folders and the summary), never a run, a file or the --from folder."""
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        raise DataError(f"--out {out}: inside --from {source}; the stage-2 runs go in a folder of their own, "
+                        f"e.g. --out {source.name}-family")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: a file; choose a folder")
+    if (out / "config.json").is_file():
+        raise DataError(f"--out {out}: holds a run; --choices writes one run per choice in OUT/CHOICE, so "
+                        f"choose a new folder (or the --out of an earlier --choices).")
+    ours = (*known, FAMILY_SUMMARY)
+    other = sorted(p.name for p in out.glob("*") if p.name not in ours and not p.name.startswith("."))
+    if other:
+        listed = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+        raise DataError(f"--out {out}: holds other files ({listed}); "
+                        f"--choices writes one run per choice in OUT/CHOICE, so choose a new folder (or the "
+                        f"--out of an earlier --choices).")
+
+
+def chosen_values(cfg, reports: list[dict], runs: list[str] | None = None) -> str:
+    """' (tau = 1.25 chosen on val)', or with several runs (named by `runs`, e.g. seed-0)
+    ' (tau chosen on val: seed-0 1.0, seed-1 1.25)': a tuned choice's value in each run and where it
+    was chosen; '' for a choice that tunes nothing."""
     from train.runner import tuned_on_val
-    values = [r.get("stage2_choice", {}).get("chosen") or {} for r in reports]
+    values = [(r.get("stage2_choice", {}).get("chosen") or {}) for r in reports]
     if not any(values):
         return ""
     name = next(iter(values[0]))
     where = ("given" if not tuned_on_val(cfg) else f"chosen on {cfg.val_split}" if cfg.val_split
              else f"chosen on the carve val_fraction={cfg.val_fraction}")
-    return f" ({name} = {', '.join(str(v.get(name)) for v in values)} {where})"
+    each = [v.get(name) for v in values]
+    if len(set(each)) == 1:
+        return f" ({name} = {each[0]} {where}{', every seed' if len(each) > 1 and where != 'given' else ''})"
+    return f" ({name} {where}: {', '.join(f'{run} {v}' for run, v in zip(runs or range(len(each)), each))})"

@@ -158,13 +158,13 @@ def _resolve(args, seed: int | None = None, list_only: bool = False):
 
 def cmd_train(args) -> int:
     from tools.report_table import print_table, results_table
-    from train.config import allowed
+    from train.config import allowed, setting_text
     from train.runner import train
     if args.list_settings:
         cfg = _resolve(args, list_only=True)
         print(f"# preset {cfg.preset}, method {cfg.method}: KEY = VALUE  # what it may be")
         for k, v in cfg.to_dict().items():
-            print(f"{k} = {v}" + (f"  # {allowed(k)}" if allowed(k) else ""))
+            print(f"{k} = {setting_text(v)}" + (f"  # {allowed(k)}" if allowed(k) else ""))
         return 0
     if args.out is None:
         raise DataError("--out DIR is required: the run directory to create (or to resume)")

@@ -57,5 +57,12 @@ def mean_std(results: list[dict]) -> dict:
     return out
 
 
+def out_console() -> Console:
+    """The console for tables on stdout: rich's own width on a terminal; 160 columns in logs and
+    pipes, where rich assumes 80 and would wrap labels and paths mid-word."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def print_table(table: Table) -> None:
-    Console().print(table)
+    out_console().print(table)

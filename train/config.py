@@ -150,7 +150,7 @@ def allowed(key: str) -> str:
     return {bool: "true or false", str: "text"}.get(kind, "3 numbers" if key in RGB_SETTINGS else "")
 
 
-def _parse_value(key: str, text: str):
+def parse_value(key: str, text: str):
     """A `--set key=text` string as the setting's type (that of its default)."""
     cur = getattr(_DEFAULTS, key)
     try:
@@ -173,6 +173,16 @@ def _parse_value(key: str, text: str):
                         f"{' (' + allowed(key) + ')' if allowed(key) else ''}") from None
 
 
+def setting_text(value) -> str:
+    """A setting's value as `--set` takes it (what `parse_value` reads back): 0.1,0.2 for a tuple,
+    true / false, none."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
 def check_known(overrides: dict[str, str]) -> None:
     """Raise DataError naming the first `--set` key that is no setting, with the nearest one."""
     known = {f.name for f in fields(Config)}
@@ -192,7 +202,7 @@ def resolve(preset: str | None = None, method: str | None = None,
     DataError. Changing `epochs` (either way) scales `warmup_epochs` (T_w), `lr_warmup_epochs` and
     `lr_steps` with it (rounded) unless they are given too. Everything is validated (`validate`) before it is returned."""
     check_known(overrides or {})
-    said = {key: _parse_value(key, text) for key, text in (overrides or {}).items()}
+    said = {key: parse_value(key, text) for key, text in (overrides or {}).items()}
     flags = {k: v for k, v in dict(explicit, preset=preset, method=method).items() if v is not None}
     for key in set(flags) & set(said):
         if flags[key] != said[key]:
@@ -305,9 +315,10 @@ def _stage2_problems(cfg: Config) -> list[str]:
         if len(getattr(cfg, setting)) > 1:
             problems.append(
                 f"stage2={cfg.stage2} chooses {name} among {setting} on a validation split, and there is "
-                f"none: --set val_split=val for a dataset converted with --val-per-class N, or train "
-                f"stage 1 with --set val_fraction=0.1 (both stages then leave those images out), or fix "
-                f"the value with --set {setting}=VALUE")
+                f"none: --set val_split=val where the dataset has a split named val (`iccl convert "
+                f"--val-per-class N` writes one, the demo data has one; `iccl info DATA` lists the "
+                f"splits), or train stage 1 with --set val_fraction=0.1 (both stages then leave those "
+                f"images out), or fix the value with --set {setting}=VALUE")
     if not (cfg.s2_tau_norm_grid and cfg.s2_logit_adjust_grid and cfg.s2_mislas_eps_head):
         problems.append("the stage-2 grids (s2_tau_norm_grid, s2_logit_adjust_grid, s2_mislas_eps_head) "
                         "need at least one value")

@@ -70,7 +70,10 @@ def saved_model_path(run_dir: Path, stage: int = 2) -> Path:
         raise DataError(f"{run_dir}: a --seeds folder, one run per seed; pass one of them, e.g. "
                         f"{run_dir / f'seed-{seeds[0]}'}.")
     if not (run_dir / "config.json").is_file():
-        raise DataError(f"{run_dir}: not a run directory (no config.json). Pass the --out of `iccl train`.")
+        inside = sorted(run_dir.glob("*/config.json")) + sorted(run_dir.glob("*/*/config.json"))
+        hint = (f"; it holds runs (e.g. {inside[0].parent}): pass one of them" if inside  # `stage2 --choices`
+                else ". Pass the --out of `iccl train`")
+        raise DataError(f"{run_dir}: not a run directory (no config.json){hint}.")
     path = run_dir / "final.pt" if stage == 2 else stage1_path(run_dir)
     if not path.is_file():
         raise DataError(f"{path}: missing; stage {stage} of this run has not finished. Resume it with "

@@ -187,8 +187,11 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
             write_json(run_dir / STAGE1_SOURCE, stage1_source)
     if "net" in state:
         _check_data(ctx, state)
-        where = ("both stages are done" if state["stage"] == "done" else
-                 f"stage {state['stage']}, epoch {state['epoch'] + 1}, step {state['step']}")
+        stage_no, epoch = state["stage"], state["epoch"]
+        trained = stage_no != "done" and epoch >= (cfg.epochs if stage_no == 1 else cfg.s2_epochs)
+        where = ("already finished (both stages)" if stage_no == "done" else
+                 f"stage {stage_no} trained, evaluating" if trained else
+                 f"stage {stage_no}, epoch {epoch + 1}, step {state['step']}")
         ctx.say(f"resuming {run_dir}: {where}" if ckpt_path.is_file() else
                 f"{run_dir}: stage 2 from {source['stage1']}")
     report_path = run_dir / "report.json"

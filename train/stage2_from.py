@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pipeline.errors import DataError
 from train import checkpoint
-from train.config import SEEDS_FILE, STAGE2_FIELDS, Config, check_known, resolve
-from train.inference import stage1_path
+from train.config import SEEDS_FILE, STAGE2_FIELDS, Config, check_known, parse_value, resolve
+from train.inference import resume_target, stage1_path
 from train.runner import RESUMABLE_CHANGES
 
 # What a stage 2 from an existing stage 1 may set: its own settings, and the converted split it
@@ -40,14 +40,16 @@ def stage2_run_config(source_run: Path, overrides: dict[str, str],
     path = stage1_path(source_run)
     if not path.is_file():
         raise DataError(f"{path}: missing; the stage 1 of {source_run} has not finished. Resume it with "
-                        f"`iccl train --out {source_run}`, then run this again.")
+                        f"`iccl train --out {resume_target(source_run)}`, then run this again.")
     check_known(overrides)
-    stage1_only = sorted(k for k in overrides if k not in STAGE2_SIDE and k not in RESUMABLE_CHANGES)
+    saved = checkpoint.load(path)
+    values = Config.from_dict(saved["config"]).to_dict()  # also reads configs of older versions
+    # A stage-1 setting may be given only as the run has it (a command reused across runs).
+    stage1_only = sorted(k for k, text in overrides.items() if k not in STAGE2_SIDE
+                         and k not in RESUMABLE_CHANGES and parse_value(k, text) != values[k])
     if stage1_only:
         raise DataError(f"--set {', '.join(stage1_only)}: fixed by the stage 1 of {source_run}, which this "
                         f"run reuses. Change only {', '.join(STAGE2_SIDE)} here, or train a new run.")
-    saved = checkpoint.load(path)
-    values = Config.from_dict(saved["config"]).to_dict()  # also reads configs of older versions
     if overrides.get("val_split") and values["val_fraction"] > 0:
         raise DataError(f"--set val_split={overrides['val_split']}: {source_run} was trained with a carve "
                         f"(val_fraction={values['val_fraction']}), which stays its validation split; drop "
@@ -59,6 +61,34 @@ def stage2_run_config(source_run: Path, overrides: dict[str, str],
               "stage1_eval": source_report.get("stage1"), "stage1_val": source_report.get("stage1_val"),
               "val_split": values["val_split"]}
     return cfg, record
+
+
+def seed_runs(source: Path) -> list[Path]:
+    """The runs a `--choices` stage 2 starts from: `source` itself when it is a run, else its seed-S
+    runs by seed (a `--seeds` folder, or a method folder of `iccl reproduce`). Every seed must be
+    there: a table over fewer seeds than were trained would pass for the whole. Raises DataError for
+    a folder that holds neither, or a seed its seeds.json lists without a run folder."""
+    source = Path(source)
+    if (source / "config.json").is_file():
+        return [source]
+    runs = {p.name: p for p in source.glob("seed-*") if (p / "config.json").is_file()}
+    if (source / SEEDS_FILE).is_file():
+        listed = [f"seed-{s}" for s in json.loads((source / SEEDS_FILE).read_text())["seeds"]]
+        missing = [name for name in listed if name not in runs]
+        if missing:
+            raise DataError(f"{source / missing[0]}: missing; {SEEDS_FILE} lists {', '.join(missing)}. "
+                            f"Train {'it' if len(missing) == 1 else 'them'} with `iccl train --out {source}`, "
+                            f"then run this again.")
+    if not runs:
+        raise DataError(f"--from {source}: not a run directory (no config.json) and no seed-S runs in it; "
+                        f"pass the --out of `iccl train` (or of `iccl train --seeds`).")
+    return [runs[name] for name in sorted(runs, key=_seed_number)]
+
+
+def _seed_number(name: str) -> tuple[int, str]:
+    """seed-2 before seed-10."""
+    tail = name.removeprefix("seed-")
+    return (int(tail), "") if tail.isdigit() else (2**63, tail)
 
 
 def _sha256(path: Path) -> str:

@@ -161,8 +161,8 @@ def _class_sums(ctx, net):
 def _val_features(ctx, net):
     if ctx.val is None:
         raise DataError(f"stage2={ctx.cfg.stage2}: no validation split to tune on; --set val_split=val "
-                        f"for a dataset converted with --val-per-class N, or train stage 1 with "
-                        f"--set val_fraction=0.1")
+                        f"where the dataset has a split named val (`iccl info DATA` lists them), or train "
+                        f"stage 1 with --set val_fraction=0.1")
     return _features(ctx, net, "val")
 
 
