@@ -94,7 +94,7 @@ def test_shot_groups_boundaries():
 def test_read_meta_errors(tmp_path, dataset):
     with pytest.raises(DataError, match="no such folder"):
         read_meta(tmp_path / "nope")
-    with pytest.raises(DataError, match="did not finish"):
+    with pytest.raises(DataError, match="not a converted dataset"):
         read_meta(tmp_path)
     root, _, _ = dataset
     meta = json.loads((root / META_FILE).read_text())

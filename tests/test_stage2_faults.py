@@ -181,12 +181,20 @@ def test_choices_faults_end_in_one_line_and_write_nothing(run, tmp_path, capsys)
     (tmp_path / "afile").write_text("x")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "x.txt").write_text("mine")
+    (tmp_path / "single-layout" / "crt").mkdir(parents=True)  # an earlier --choices from one run
+    write_json(tmp_path / "single-layout" / "crt" / "config.json", {})
+    (tmp_path / "other-from").mkdir()
+    write_json(tmp_path / "other-from" / "summary.json", {"from": "/elsewhere"})
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     cases = [
         (unfinished, tmp_path / "a", "crt", (), f"{unfinished / 'seed-1' / 'stage1.pt'}: missing"),
         (unlisted, tmp_path / "a", "crt", (), f"{unlisted / 'seed-2'}: missing; seeds.json lists seed-2"),
-        (complete, complete, "crt", (), "inside --from"),
-        (complete, complete / "family", "crt", (), "inside --from"),
+        (complete, complete, "crt", (), "is --from"),
+        (complete, complete / "family", "crt", (), "is inside --from"),
+        (complete / "seed-0", complete, "crt", (), "holds --from"),
+        (complete, tmp_path / "single-layout", "crt", (), "holds one run, made from a single run"),
+        (complete, tmp_path / "other-from", "crt", (), "holds the stage-2 choices of --from /elsewhere"),
+        (complete, tmp_path / "a", ",", (), "--choices ',': choose among"),
         (complete, tmp_path / "afile", "crt", (), "a file; choose a folder"),
         (complete, tmp_path / "notes", "crt", (), "holds other files (x.txt)"),
         (complete, tmp_path / "a", "crt,ncm,crt", (), "crt given twice"),
@@ -224,16 +232,34 @@ def test_choices_from_one_seed_keep_the_seed_layout_and_write_their_table(run, t
     """A folder of seeds gives OUT/CHOICE/seed-S even with one seed (more seeds later land beside
     it), OUT/summary.json holds the table and the tuned values, and the folders say what they are."""
     seeds = _seeds_folder(run, tmp_path / "seeds", seeds=(0,))
-    assert _stage2(seeds, tmp_path / "fam", extra=("--choices", "ncm,tau_norm")) == 0
+    assert _stage2(seeds, tmp_path / "fam", extra=("--choices", "tau_norm")) == 0
+    assert _stage2(seeds, tmp_path / "fam", extra=("--choices", "ncm")) == 0  # added later: both in the table
     assert (tmp_path / "fam" / "ncm" / "seed-0" / "report.json").is_file()
     summary = json.loads((tmp_path / "fam" / "summary.json").read_text())
     assert summary["runs"] == ["seed-0"] and set(summary["stage2"]) == {"ncm", "tau_norm"}
+    assert summary["stage2"]["ncm"]["n"] == 1
     assert list(summary["chosen"]) == ["tau_norm"] and list(summary["chosen"]["tau_norm"]) == ["seed-0"]
     report = json.loads((tmp_path / "fam" / "tau_norm" / "seed-0" / "report.json").read_text())
     assert summary["stage2"]["tau_norm"]["top1"] == round(report["stage2"]["top1"], 2)
     capsys.readouterr()
     assert cli(["-q", "eval", "--run", str(tmp_path / "fam")]) == 2
-    assert f"it holds runs (e.g. {tmp_path / 'fam' / 'ncm' / 'seed-0'})" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"it holds runs (e.g. {tmp_path / 'fam'}/" in err and "/seed-0): pass one of them" in err, err
     assert cli(["-q", "info", str(tmp_path / "fam" / "ncm" / "seed-0")]) == 2
     err = capsys.readouterr().err
     assert "holds a training run" in err and "iccl convert ... --out" not in err
+
+
+def test_a_finished_run_is_not_taken_over_by_another_stage1(run, tmp_path, capsys):
+    """A rerun into a finished stage-2 run from a stage 1 that changed since is refused: its
+    results would be reported under the new stage 1."""
+    import shutil
+    source = tmp_path / "src"
+    shutil.copytree(run / "iccl", source)
+    assert _stage2(source, tmp_path / "ncm", "stage2=ncm") == 0
+    state = torch.load(source / "stage1.pt", weights_only=True)
+    torch.save({**state, "retrained": True}, source / "stage1.pt")  # another file, same settings
+    capsys.readouterr()
+    assert _stage2(source, tmp_path / "ncm", "stage2=ncm") == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings (stage 1:" in err and "(another file)" in err, err

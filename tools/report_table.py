@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 
 from rich.console import Console
@@ -58,10 +59,10 @@ def mean_std(results: list[dict]) -> dict:
 
 
 def out_console() -> Console:
-    """The console for tables on stdout: rich's own width on a terminal; 160 columns in logs and
-    pipes, where rich assumes 80 and would wrap labels and paths mid-word."""
+    """The console for tables on stdout: rich's own width on a terminal or where COLUMNS is set;
+    else (logs, pipes) 160 columns, where rich assumes 80 and would wrap labels and paths mid-word."""
     console = Console()
-    return console if console.is_terminal else Console(width=160)
+    return console if console.is_terminal or os.environ.get("COLUMNS") else Console(width=160)
 
 
 def print_table(table: Table) -> None:

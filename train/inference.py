@@ -6,6 +6,7 @@ run's autocast setting. The projection head is a training-time module and is nev
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
@@ -70,8 +71,8 @@ def saved_model_path(run_dir: Path, stage: int = 2) -> Path:
         raise DataError(f"{run_dir}: a --seeds folder, one run per seed; pass one of them, e.g. "
                         f"{run_dir / f'seed-{seeds[0]}'}.")
     if not (run_dir / "config.json").is_file():
-        inside = sorted(run_dir.glob("*/config.json")) + sorted(run_dir.glob("*/*/config.json"))
-        hint = (f"; it holds runs (e.g. {inside[0].parent}): pass one of them" if inside  # `stage2 --choices`
+        inside = next(itertools.chain(run_dir.glob("*/config.json"), run_dir.glob("*/*/config.json")), None)
+        hint = (f"; it holds runs (e.g. {inside.parent}): pass one of them" if inside  # `stage2 --choices`
                 else ". Pass the --out of `iccl train`")
         raise DataError(f"{run_dir}: not a run directory (no config.json){hint}.")
     path = run_dir / "final.pt" if stage == 2 else stage1_path(run_dir)

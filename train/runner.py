@@ -53,11 +53,12 @@ def tuned_on_val(cfg: Config) -> bool:
 _RESULTS = ("checkpoint.pt", "stage1.pt", "final.pt", "report.json")
 
 
-def check_resume_config(run_dir: Path, cfg: Config) -> None:
+def check_resume_config(run_dir: Path, cfg: Config, stage1_source: dict | None = None) -> None:
     """Refuse an --out that holds something else: files of no run (dot-files, such as an atomic
-    write's temporary, aside), or a run with other settings that has results (`_RESULTS`). A run
-    that stopped before any result trained nothing: a corrected command may start it again with
-    other settings, and rank 0 removes what the earlier attempt logged."""
+    write's temporary, aside), or a run with other settings, or from another stage 1
+    (`stage1_source`'s SHA-256), that has results (`_RESULTS`). A run that stopped before any result
+    trained nothing: a corrected command may start it again with other settings, and rank 0 removes
+    what the earlier attempt logged."""
     path = run_dir / "config.json"
     if run_dir.is_dir() and not path.is_file():
         foreign = sorted(p.name for p in run_dir.iterdir()
@@ -70,6 +71,9 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
     old = load_config_json(path)
     diff = {k: (v, getattr(cfg, k)) for k, v in old.to_dict().items()
             if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v}
+    before = read_stage1_source(run_dir) if stage1_source else None
+    if before and before.get("stage1_sha256") != stage1_source["stage1_sha256"]:
+        diff["stage 1"] = (before["stage1"], stage1_source["stage1"] + " (another file)")
     if diff and not any((run_dir / name).is_file() for name in _RESULTS):
         if int(os.environ.get("RANK", "0")) == 0:
             for name in ("metrics.jsonl", STAGE1_SOURCE):
@@ -148,7 +152,7 @@ def train(cfg: Config, run_dir: Path, stage1_source: dict | None = None) -> dict
     """Train (or resume) both stages; returns the report. `stage1_source` (from
     `train.stage2_from.stage2_run_config`) starts a new run at stage 2 from another run's stage 1."""
     run_dir = Path(run_dir)
-    check_resume_config(run_dir, cfg)
+    check_resume_config(run_dir, cfg, stage1_source)
     new_folder = not run_dir.exists()
     try:
         ctx = build_context(cfg, run_dir)
@@ -187,11 +191,11 @@ def _train(ctx: Context, stage1_source: dict | None = None) -> dict:
             write_json(run_dir / STAGE1_SOURCE, stage1_source)
     if "net" in state:
         _check_data(ctx, state)
-        stage_no, epoch = state["stage"], state["epoch"]
-        trained = stage_no != "done" and epoch >= (cfg.epochs if stage_no == 1 else cfg.s2_epochs)
+        stage_no, epoch, step = state["stage"], state["epoch"], state["step"]
+        total = cfg.epochs if stage_no == 1 else cfg.s2_epochs
         where = ("already finished (both stages)" if stage_no == "done" else
-                 f"stage {stage_no} trained, evaluating" if trained else
-                 f"stage {stage_no}, epoch {epoch + 1}, step {state['step']}")
+                 f"stage {stage_no}, after epoch {epoch} of {total}" if step == 0 else
+                 f"stage {stage_no}, epoch {epoch + 1} of {total}, step {step}")
         ctx.say(f"resuming {run_dir}: {where}" if ckpt_path.is_file() else
                 f"{run_dir}: stage 2 from {source['stage1']}")
     report_path = run_dir / "report.json"

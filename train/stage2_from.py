@@ -8,6 +8,7 @@ results, allowed to differ.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -42,8 +43,8 @@ def stage2_run_config(source_run: Path, overrides: dict[str, str],
         raise DataError(f"{path}: missing; the stage 1 of {source_run} has not finished. Resume it with "
                         f"`iccl train --out {resume_target(source_run)}`, then run this again.")
     check_known(overrides)
-    saved = checkpoint.load(path)
-    values = Config.from_dict(saved["config"]).to_dict()  # also reads configs of older versions
+    values, sha256 = _stage1_facts(str(path), *_stamp(path))
+    values = dict(values)  # the cached record stays as read
     # A stage-1 setting may be given only as the run has it (a command reused across runs).
     stage1_only = sorted(k for k, text in overrides.items() if k not in STAGE2_SIDE
                          and k not in RESUMABLE_CHANGES and parse_value(k, text) != values[k])
@@ -57,7 +58,7 @@ def stage2_run_config(source_run: Path, overrides: dict[str, str],
     cfg = resolve(None, None, overrides, base=values, **(explicit or {}))
     report = source_run / "report.json"
     source_report = json.loads(report.read_text()) if report.is_file() else {}
-    record = {"run": str(source_run), "stage1": str(path.resolve()), "stage1_sha256": _sha256(path),
+    record = {"run": str(source_run), "stage1": str(path.resolve()), "stage1_sha256": sha256,
               "stage1_eval": source_report.get("stage1"), "stage1_val": source_report.get("stage1_val"),
               "val_split": values["val_split"]}
     return cfg, record
@@ -65,20 +66,29 @@ def stage2_run_config(source_run: Path, overrides: dict[str, str],
 
 def seed_runs(source: Path) -> list[Path]:
     """The runs a `--choices` stage 2 starts from: `source` itself when it is a run, else its seed-S
-    runs by seed (a `--seeds` folder, or a method folder of `iccl reproduce`). Every seed must be
-    there: a table over fewer seeds than were trained would pass for the whole. Raises DataError for
-    a folder that holds neither, or a seed its seeds.json lists without a run folder."""
+    runs by seed. In a `--seeds` folder, the seeds its seeds.json lists, each of which must be there
+    (a table over fewer seeds than were trained would pass for the whole); in a folder without the
+    list (a method folder of `iccl reproduce`), the seed-S runs it holds. Raises DataError for a
+    folder that holds neither, or a listed seed without a run folder."""
     source = Path(source)
+    if not source.is_dir():
+        raise DataError(f"--from {source}: no such folder; pass the --out of an `iccl train` run.")
     if (source / "config.json").is_file():
         return [source]
     runs = {p.name: p for p in source.glob("seed-*") if (p / "config.json").is_file()}
     if (source / SEEDS_FILE).is_file():
-        listed = [f"seed-{s}" for s in json.loads((source / SEEDS_FILE).read_text())["seeds"]]
+        try:
+            listed = [f"seed-{s}" for s in json.loads((source / SEEDS_FILE).read_text())["seeds"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{source / SEEDS_FILE}: unreadable ({e}); it lists the folder's seeds, e.g. "
+                            f'{{"seeds": [0, 1, 2]}}: restore it, or pass --from {source}/seed-S for one '
+                            f"run.") from None
         missing = [name for name in listed if name not in runs]
         if missing:
             raise DataError(f"{source / missing[0]}: missing; {SEEDS_FILE} lists {', '.join(missing)}. "
                             f"Train {'it' if len(missing) == 1 else 'them'} with `iccl train --out {source}`, "
                             f"then run this again.")
+        runs = {name: runs[name] for name in listed}
     if not runs:
         raise DataError(f"--from {source}: not a run directory (no config.json) and no seed-S runs in it; "
                         f"pass the --out of `iccl train` (or of `iccl train --seeds`).")
@@ -89,6 +99,20 @@ def _seed_number(name: str) -> tuple[int, str]:
     """seed-2 before seed-10."""
     tail = name.removeprefix("seed-")
     return (int(tail), "") if tail.isdigit() else (2**63, tail)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=16)
+def _stage1_facts(path: str, mtime_ns: int, size: int) -> tuple[dict, str]:
+    """(the settings saved in a stage-1 checkpoint, its SHA-256), read once per file and version:
+    `--choices all` asks for each seed's once per choice, and an ImageNet-size checkpoint takes
+    seconds to load and hash."""
+    values = Config.from_dict(checkpoint.load(Path(path))["config"]).to_dict()  # also reads older versions
+    return values, _sha256(Path(path))
 
 
 def _sha256(path: Path) -> str:
